@@ -1,0 +1,17 @@
+"""fedjax_sim: a vectorised federated-learning simulator in JAX.
+
+    import optax, fedjax_sim as fs
+    train, test = fs.data.load_digits()
+    clients = fs.data.partition(train, train["y"], "dirichlet", 100, seed=0, alpha=0.5)
+    model = fs.models.get_model("mlp", (8, 8, 1), 10)
+    result = fs.simulate(model, fs.algorithms.fedavg(optax.sgd(0.1)), clients,
+                         rounds=100, clients_per_round=10, eval_data=test)
+"""
+
+from fedjax_sim import aggregators, algorithms, data, engine, models
+from fedjax_sim.errors import UserError
+from fedjax_sim.simulation import EngineOptions, Result, simulate
+
+__version__ = "0.1.0"
+__all__ = ["simulate", "Result", "EngineOptions", "UserError", "data", "models",
+           "algorithms", "aggregators", "engine"]

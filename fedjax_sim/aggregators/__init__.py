@@ -1,0 +1,92 @@
+"""Aggregators: per-client transform -> weighted sum -> finalize, composable like optax.
+
+A round's aggregate is
+
+    aggregate = finalize( sum_i w_i * T(delta_i) ) / denominator
+
+where T runs once per client inside the vmap (clipping, quantization, ...) and finalize
+runs once on the float32 sum (noise, ...). The default denominator is sum_i w_i, i.e. the
+weighted mean; a part may replace it (a DP part divides by a fixed public count).
+
+An `AggregatorPart` is a triple of pure functions with explicit state, and `chain`
+composes parts: client transforms apply in order, finalizers in order on the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class AggregatorPart(NamedTuple):
+    """One stage of aggregation.
+
+    init(params) -> state
+    client(delta, state, rng) -> (delta, per_client_metrics: dict of scalars)
+    finalize(total, denominator, state, rng) -> (total, denominator, state, metrics)
+    """
+
+    init: Callable[[PyTree], PyTree]
+    client: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
+    finalize: Callable[[PyTree, jax.Array, PyTree, jax.Array], tuple[PyTree, jax.Array, PyTree, dict]]
+
+
+def _no_client(delta, state, rng):
+    del state, rng
+    return delta, {}
+
+
+def _no_finalize(total, denominator, state, rng):
+    del rng
+    return total, denominator, state, {}
+
+
+def weighted_mean() -> AggregatorPart:
+    """The identity part: the aggregate is sum_i w_i delta_i / sum_i w_i (FedAvg)."""
+    return AggregatorPart(lambda params: (), _no_client, _no_finalize)
+
+
+def part(init: Callable | None = None, client: Callable | None = None,
+         finalize: Callable | None = None) -> AggregatorPart:
+    """Builds a part from whichever of the three functions it needs."""
+    return AggregatorPart(init or (lambda params: ()), client or _no_client,
+                          finalize or _no_finalize)
+
+
+def chain(*parts: AggregatorPart) -> AggregatorPart:
+    """Composes parts: each client transform in order, then each finalizer in order."""
+    if not parts:
+        return weighted_mean()
+
+    def init(params):
+        return tuple(p.init(params) for p in parts)
+
+    def client(delta, state, rng):
+        metrics = {}
+        for i, (p, s) in enumerate(zip(parts, state)):
+            delta, m = p.client(delta, s, jax.random.fold_in(rng, i))
+            metrics.update(m)
+        return delta, metrics
+
+    def finalize(total, denominator, state, rng):
+        new_state, metrics = [], {}
+        for i, (p, s) in enumerate(zip(parts, state)):
+            total, denominator, s, m = p.finalize(total, denominator, s, jax.random.fold_in(rng, i))
+            new_state.append(s)
+            metrics.update(m)
+        return total, denominator, tuple(new_state), metrics
+
+    return AggregatorPart(init, client, finalize)
+
+
+def divide(total: PyTree, denominator: jax.Array) -> PyTree:
+    """The final division; a zero denominator (no weight) gives a zero aggregate."""
+    safe = jnp.where(denominator > 0, denominator, 1.0)
+    return jax.tree_util.tree_map(lambda x: x / safe, total)
+
+
+__all__ = ["AggregatorPart", "weighted_mean", "part", "chain", "divide"]

@@ -1,0 +1,92 @@
+"""Per-client batch schedules with static shapes.
+
+Every client of a round runs the same number of local steps S with batches of the same
+size B, fixed by dataset-wide maxima, so the cohort can be vmapped and a new cohort
+never recompiles. A client's real work is described by masks: padded examples are
+masked out of the loss, and a step with no real example is skipped entirely (its
+optimizer update is not applied). The schedule holds row *indices* only; the examples
+themselves are gathered inside the step loop.
+
+Two ways to say how long a client trains:
+- `local_epochs=E`: E passes over the client's own data, each a fresh shuffle cut into
+  ceil(n/B) batches (the last one partial), like a shuffled DataLoader. Client i does
+  E*ceil(n_i/B) real steps; S = E*ceil(n_max/B).
+- `local_steps=S`: exactly S batches of B examples each, walking through the client's
+  shuffled examples and wrapping around (each pass starts at a fresh random offset).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.errors import UserError
+
+
+class Schedule(NamedTuple):
+    """Static description of the local loop shared by every client of a run."""
+
+    batch_size: int  # B
+    num_steps: int  # S
+    local_epochs: int | None
+    local_steps: int | None
+
+
+def make_schedule(max_client_size: int, *, batch_size: int | None,
+                  local_epochs: int | None, local_steps: int | None) -> Schedule:
+    """Fixes B and S from the largest client. `batch_size=None` means full-batch."""
+    if (local_epochs is None) == (local_steps is None):
+        raise UserError("set exactly one of local_epochs and local_steps "
+                        f"(got local_epochs={local_epochs}, local_steps={local_steps})")
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"batch_size must be a positive integer or None for full-batch, "
+                        f"got {batch_size}")
+    if local_epochs is not None and local_epochs <= 0:
+        raise UserError(f"local_epochs must be >= 1, got {local_epochs}")
+    if local_steps is not None and local_steps <= 0:
+        raise UserError(f"local_steps must be >= 1, got {local_steps}")
+    if max_client_size <= 0:
+        raise UserError("every client has 0 examples; nothing to train on")
+    b = max_client_size if batch_size is None else int(batch_size)
+    if local_epochs is not None:
+        steps = local_epochs * math.ceil(max_client_size / b)
+    else:
+        steps = int(local_steps)
+    return Schedule(b, steps, local_epochs, local_steps)
+
+
+def _shuffle(key: jax.Array, n: jax.Array, length: int) -> jax.Array:
+    """A permutation of [0, n) in the first n of `length` slots (the rest hold n..length-1)."""
+    u = jax.random.uniform(key, (length,))
+    u = jnp.where(jnp.arange(length) < n, u, 2.0 + jnp.arange(length))
+    return jnp.argsort(u).astype(jnp.int32)
+
+
+def client_batches(schedule: Schedule, key: jax.Array, n: jax.Array,
+                   max_client_size: int) -> tuple[jax.Array, jax.Array]:
+    """Local row indices `[S, B]` (in [0, n)) and the example mask `[S, B]` of one client."""
+    b, s = schedule.batch_size, schedule.num_steps
+    if schedule.local_epochs is not None:
+        epochs = schedule.local_epochs
+        per_epoch = s // epochs  # = ceil(n_max / B)
+        slots = per_epoch * b
+        keys = jax.random.split(key, epochs)
+        perms = jax.vmap(lambda k: _shuffle(k, n, slots))(keys)  # [E, slots]
+        valid = jnp.arange(slots) < n  # same for every epoch
+        idx = jnp.where(valid, perms, 0).reshape(s, b)
+        mask = jnp.broadcast_to(valid, (epochs, slots)).reshape(s, b)
+        return idx, mask
+    # Fixed number of steps: position t of the stream is example perm[(t mod n + r_p) mod n]
+    # on pass p = t // n, where r_p is a random rotation per pass.
+    k_perm, k_rot = jax.random.split(key)
+    perm = _shuffle(k_perm, n, max_client_size)
+    t = jnp.arange(s * b, dtype=jnp.int32)
+    n_safe = jnp.maximum(n, 1).astype(jnp.int32)
+    passes = t // n_safe
+    rot = jax.random.randint(k_rot, (s * b,), 0, n_safe)[passes]
+    idx = perm[(t % n_safe + rot) % n_safe].reshape(s, b)
+    mask = jnp.broadcast_to(n > 0, (s, b))
+    return idx, mask

@@ -1,0 +1,69 @@
+"""One client's local training loop: gather a batch, take a step, skip padded steps.
+
+The loop is a `lax.scan` over the schedule's steps, fully or partly unrolled (`unroll`).
+Unrolling matters on XLA:CPU, where a convolution inside a while-loop body runs an order
+of magnitude slower than the same convolution unrolled (benchmarks/README.md); on
+accelerators a rolled scan compiles faster at the same speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+# step(carry, batch, example_mask [B], rng) -> (carry, metric_sums: dict of scalars)
+StepFn = Callable[[PyTree, dict, jax.Array, jax.Array], tuple[PyTree, dict]]
+
+
+class LocalData:
+    """What a client function sees of its own data inside the round's jit.
+
+    Attributes:
+      num_examples: the client's example count (a traced scalar).
+      client_id: the client's index in the dataset (a traced scalar).
+    """
+
+    def __init__(self, data: dict, offset: jax.Array, idx: jax.Array, mask: jax.Array,
+                 num_examples: jax.Array, client_id: jax.Array, unroll: int | bool):
+        self._data, self._offset, self._idx, self._mask = data, offset, idx, mask
+        self.num_examples = num_examples
+        self.client_id = client_id
+        self._unroll = unroll
+
+    @property
+    def num_steps(self) -> int:
+        return self._idx.shape[0]
+
+    def real_steps(self) -> jax.Array:
+        """How many of the static steps hold at least one real example."""
+        return jnp.sum(jnp.any(self._mask, axis=1)).astype(jnp.int32)
+
+    def run(self, step: StepFn, carry: PyTree, key: jax.Array) -> tuple[PyTree, dict]:
+        """Runs `step` over the client's batches; returns the carry and summed metrics.
+
+        A step whose batch holds no real example leaves the carry exactly unchanged and
+        adds nothing to the metrics.
+        """
+
+        def body(state, s):
+            carry, sums = state
+            rows = self._offset + self._idx[s]
+            batch = {k: v[rows] for k, v in self._data.items()}
+            mask = self._mask[s]
+            new_carry, metrics = step(carry, batch, mask, jax.random.fold_in(key, s))
+            live = jnp.any(mask)
+            carry = jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), new_carry, carry)
+            sums = jax.tree_util.tree_map(lambda acc, m: acc + jnp.where(live, m, 0), sums, metrics)
+            return (carry, sums), None
+
+        # Metric structure from an abstract evaluation of one step.
+        zero_batch = {k: v[self._offset + self._idx[0]] for k, v in self._data.items()}
+        shapes = jax.eval_shape(lambda c: step(c, zero_batch, self._mask[0], key)[1], carry)
+        sums0 = jax.tree_util.tree_map(lambda sd: jnp.zeros(sd.shape, jnp.float32), shapes)
+        steps = jnp.arange(self.num_steps)
+        unroll = self.num_steps if self._unroll is True else max(1, int(self._unroll))
+        (carry, sums), _ = jax.lax.scan(body, (carry, sums0), steps, unroll=unroll)
+        return carry, sums

@@ -1,0 +1,146 @@
+"""A federated round as ONE compiled program, and several rounds fused into one call.
+
+    round r:  key_r = fold_in(root, r)
+              cohort = m clients sampled uniformly without replacement
+              for each client i in the cohort (vmapped / chunked / mapped):
+                  batches from fold_in(key_clients, client_id)
+                  delta_i, metrics_i = algorithm.client_update(...)
+                  summand_i = w_i * aggregator.client(delta_i)          (float32)
+              total = sum_i summand_i;  denominator = sum_i w_i
+              aggregate = aggregator.finalize(total, denominator) / denominator'
+              server_state = algorithm.server_update(server_state, aggregate)
+
+`RoundProgram.compile(...)` gives `run(state, ..., start, count)`, which runs `count`
+consecutive rounds in one loop inside one compiled program, so there is no host
+round-trip between them; it returns the stacked per-round metrics. A client's randomness depends only on (root, round,
+client id), so results do not depend on how clients are chunked or how rounds are fused.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.aggregators import AggregatorPart, divide
+from fedjax_sim.algorithms.base import Algorithm, Problem
+from fedjax_sim.engine.batching import Schedule, client_batches
+from fedjax_sim.engine.cohort import map_clients
+from fedjax_sim.engine.local import LocalData
+
+PyTree = Any
+
+
+class SimState(NamedTuple):
+    server: PyTree
+    aggregator: PyTree
+
+
+class DeviceData(NamedTuple):
+    """A FederatedData's arrays on device: features [N, ...], offsets [C+1], sizes [C]."""
+
+    features: dict
+    offsets: jax.Array
+    sizes: jax.Array
+
+    @classmethod
+    def from_federated(cls, data, device=None) -> "DeviceData":
+        put = functools.partial(jax.device_put, device=device)
+        return cls({k: put(v) for k, v in data.features.items()},
+                   put(jnp.asarray(data.offsets[:-1], jnp.int32)),
+                   put(jnp.asarray(data.client_sizes, jnp.int32)))
+
+
+def _split_round_key(root: jax.Array, r: jax.Array):
+    key_r = jax.random.fold_in(root, r)
+    return jax.random.split(key_r, 3)  # sampling, clients, aggregator
+
+
+class RoundProgram:
+    """Compiles and runs rounds of `algorithm` on one dataset with a fixed cohort size."""
+
+    def __init__(self, algorithm: Algorithm, problem: Problem, aggregator: AggregatorPart,
+                 schedule: Schedule, *, num_clients: int, max_client_size: int,
+                 clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool):
+        self.algorithm, self.problem, self.aggregator = algorithm, problem, aggregator
+        self.schedule = schedule
+        self.num_clients, self.max_client_size = num_clients, max_client_size
+        self.clients_per_round = clients_per_round
+        self.clients_per_chunk, self.unroll = clients_per_chunk, unroll
+        self._jit = jax.jit(self._run_rounds, static_argnames=("max_rounds",),
+                            donate_argnames=("state",))
+
+    def init(self, params: PyTree) -> SimState:
+        return SimState(self.algorithm.server_init(params), self.aggregator.init(params))
+
+    def compile(self, state: SimState, data: "DeviceData", model_state: PyTree,
+                root: jax.Array, max_rounds: int):
+        """Compiles once; returns `run(state, data, model_state, root, start, count)`.
+
+        `run` executes rounds start .. start+count-1 (count <= max_rounds, not static, so
+        any segment length reuses the same executable) and returns the new state and the
+        metrics of those rounds, each stacked in a buffer of length max_rounds (entries
+        past `count` are zero).
+        """
+        compiled = self._jit.lower(state, data, model_state, root, jnp.int32(0), jnp.int32(1),
+                                   max_rounds=max_rounds).compile()
+
+        def run(state, data, model_state, root, start, count):
+            if not 1 <= count <= max_rounds:
+                raise ValueError(f"count must be in [1, {max_rounds}], got {count}")
+            return compiled(state, data, model_state, root, jnp.int32(start), jnp.int32(count))
+
+        return run
+
+    # -- inside the jit ---------------------------------------------------------------
+    def _run_rounds(self, state, data, model_state, root, start, count, *, max_rounds):
+        shapes = jax.eval_shape(lambda s: self._round(s, data, model_state, root, start)[1], state)
+        buffer = jax.tree_util.tree_map(lambda sd: jnp.zeros((max_rounds, *sd.shape), sd.dtype), shapes)
+
+        def one(i, carry):
+            state, buffer = carry
+            state, metrics = self._round(state, data, model_state, root, start + i)
+            buffer = jax.tree_util.tree_map(lambda b, m: b.at[i].set(m), buffer, metrics)
+            return state, buffer
+
+        if max_rounds == 1:
+            return one(0, (state, buffer))
+        return jax.lax.fori_loop(0, count, one, (state, buffer))
+
+    def _round(self, state: SimState, data: DeviceData, model_state, root, r):
+        algorithm, aggregator = self.algorithm, self.aggregator
+        problem = self.problem._replace(model_state=model_state)
+        k_sample, k_clients, k_agg = _split_round_key(root, r)
+        cohort = jax.random.choice(k_sample, self.num_clients, (self.clients_per_round,),
+                                   replace=False).astype(jnp.int32)
+        broadcast = algorithm.broadcast(state.server)
+
+        def client(cid):
+            n = data.sizes[cid]
+            key = jax.random.fold_in(k_clients, cid)
+            k_batches, k_train, k_agg_client = jax.random.split(key, 3)
+            idx, mask = client_batches(self.schedule, k_batches, n, self.max_client_size)
+            local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll)
+            out = algorithm.client_update(problem, broadcast, local, k_train)
+            delta, agg_metrics = aggregator.client(out.delta, state.aggregator, k_agg_client)
+            w = algorithm.client_weight(n)
+            summand = (jax.tree_util.tree_map(lambda d: w * d.astype(jnp.float32), delta), w)
+            return summand, (out.metrics, agg_metrics)
+
+        (total, denominator), (train_sums, client_agg) = map_clients(
+            client, cohort, self.clients_per_chunk)
+        total, denominator, agg_state, agg_metrics = aggregator.finalize(
+            total, denominator, state.aggregator, k_agg)
+        server = algorithm.server_update(state.server, divide(total, denominator))
+
+        # Training metrics are means over every example processed by the cohort this round;
+        # the aggregator's per-client metrics are means over clients.
+        count = jnp.sum(train_sums["count"])
+        metrics = {f"train_{k}": jnp.sum(v) / jnp.maximum(count, 1.0)
+                   for k, v in train_sums.items() if k != "count"}
+        metrics["cohort_examples"] = jnp.sum(data.sizes[cohort])
+        metrics.update({k: jnp.mean(v) for k, v in client_agg.items()})
+        metrics.update(agg_metrics)
+        return SimState(server, agg_state), metrics

@@ -1,0 +1,9 @@
+"""The error type for mistakes a user can fix.
+
+A `UserError` carries a one-line message that names the problem and the fix. The CLI
+prints it without a traceback; the Python API raises it like any exception.
+"""
+
+
+class UserError(ValueError):
+    """A bad input (config value, data, model) with a one-line message saying what to do."""

@@ -1,0 +1,114 @@
+"""What a model is trained to do: the per-example loss and metrics that come with a task.
+
+A `Task` turns model outputs and labels into per-example values. The engine masks and
+averages them, so padded examples never count, and every metric is a mean over the real
+examples of a batch, a client or a test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.errors import UserError
+
+PerExample = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A loss and metrics, each `(outputs [B, ...], labels [B, ...]) -> [B]`.
+
+    Attributes:
+      name: for logs.
+      loss: per-example loss that training minimises.
+      metrics: named per-example metrics reported at evaluation (the loss is always
+        reported too, as `loss`).
+      label_key: which feature of the data holds the labels.
+      check: `(output_shape, labels) -> None`, raises `UserError` when the model's output
+        cannot match the labels (called once, before anything is compiled).
+    """
+
+    name: str
+    loss: PerExample
+    metrics: dict[str, PerExample]
+    label_key: str = "y"
+    check: Callable[[tuple[int, ...], np.ndarray], None] | None = None
+
+
+def classification(label_key: str = "y") -> Task:
+    """Softmax cross-entropy on integer labels; reports `accuracy`.
+
+    loss_i = -log softmax(z_i)[y_i];  accuracy_i = [argmax z_i == y_i].
+    """
+
+    def loss(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), labels.astype(jnp.int32))
+
+    def accuracy(logits, labels):
+        return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+    def check(output_shape, labels):
+        if len(output_shape) != 2:
+            raise UserError(
+                f"classification needs model outputs of shape [batch, num_classes], got "
+                f"{list(output_shape)}; end the model with a dense layer of num_classes units")
+        num_classes = output_shape[-1]
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(
+                f"classification needs integer labels of shape [N], got {labels.dtype} "
+                f"{list(labels.shape)}; use task=regression() for real-valued targets")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise UserError(
+                f"the model outputs {num_classes} classes but labels range over [{lo}, {hi}]; "
+                f"set the model's num_classes to at least {hi + 1}")
+
+    return Task("classification", loss, {"accuracy": accuracy}, label_key, check)
+
+
+def regression(label_key: str = "y") -> Task:
+    """Mean squared error over output dimensions; reports `mse` and `mae`.
+
+    loss_i = mean_j (z_ij - y_ij)^2.
+    """
+
+    def loss(outputs, targets):
+        diff = outputs.astype(jnp.float32) - targets.astype(jnp.float32).reshape(outputs.shape)
+        return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
+
+    def mae(outputs, targets):
+        diff = outputs.astype(jnp.float32) - targets.astype(jnp.float32).reshape(outputs.shape)
+        return jnp.mean(jnp.abs(diff).reshape(diff.shape[0], -1), axis=-1)
+
+    def check(output_shape, targets):
+        per_example_out = int(np.prod(output_shape[1:]))
+        per_example_target = int(np.prod(targets.shape[1:]))
+        if per_example_out != per_example_target:
+            raise UserError(
+                f"regression model outputs {list(output_shape[1:])} per example but targets "
+                f"are {list(targets.shape[1:])}; make the model's last layer have "
+                f"{per_example_target} unit(s)")
+
+    return Task("regression", loss, {"mse": loss, "mae": mae}, label_key, check)
+
+
+def custom(loss: PerExample, metrics: dict[str, PerExample] | None = None,
+           label_key: str = "y", name: str = "custom") -> Task:
+    """A user-supplied per-example loss (and metrics); no output/label check."""
+    return Task(name, loss, dict(metrics or {}), label_key, None)
+
+
+TASKS = {"classification": classification, "regression": regression}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](**kwargs)

@@ -1,0 +1,7 @@
+"""The host loop (`simulate`) and evaluation."""
+
+from fedjax_sim.simulation.evaluation import CentralEvaluator, ClientEvaluator, summarize_clients
+from fedjax_sim.simulation.loop import EngineOptions, Result, resolve_engine, simulate
+
+__all__ = ["simulate", "Result", "EngineOptions", "resolve_engine", "CentralEvaluator",
+           "ClientEvaluator", "summarize_clients"]

@@ -1,0 +1,321 @@
+"""The host loop: compile once, run rounds in fused calls, evaluate, log.
+
+`simulate()` is the Python API. It checks its inputs before anything is compiled, places
+the training data on device once, and runs the rounds between two evaluations as a few
+calls of one compiled program (`rounds_per_call` rounds each, no host work in between).
+The only host synchronisation is fetching the metrics it logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.aggregators import AggregatorPart, weighted_mean
+from fedjax_sim.algorithms.base import Algorithm, Problem
+from fedjax_sim.engine.batching import make_schedule
+from fedjax_sim.engine.round import DeviceData, RoundProgram
+from fedjax_sim.errors import UserError
+from fedjax_sim.models.adapter import Model
+from fedjax_sim.models.tasks import Task, classification
+from fedjax_sim.simulation.evaluation import CentralEvaluator, ClientEvaluator, summarize_clients
+
+PyTree = Any
+# Beyond this many local steps a fully unrolled client loop compiles too slowly to pay off.
+MAX_FULL_UNROLL = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How a round executes. 'auto' picks by backend and model (benchmarks/README.md).
+
+    clients_per_chunk: None = vmap the whole cohort; k = scan over chunks of k clients,
+      vmap inside; 1 = one client after another (lax.map), no vmap.
+    unroll: True = local steps fully unrolled; k = lax.scan unrolled k steps at a time.
+    rounds_per_call: how many rounds one compiled call runs back to back.
+    """
+
+    clients_per_chunk: int | None | str = "auto"
+    unroll: int | bool | str = "auto"
+    rounds_per_call: int | str = "auto"
+
+
+def has_convolution(model: Model, params, model_state, example_x) -> bool:
+    """Whether the model's forward pass contains a convolution (checked on its jaxpr)."""
+    closed = jax.make_jaxpr(lambda p: model.apply(p, model_state, example_x, train=False)[0])(params)
+
+    def jaxprs_in(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from jaxprs_in(v)
+
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            if any(walk(sub) for v in eqn.params.values() for sub in jaxprs_in(v)):
+                return True
+        return False
+
+    return walk(closed.jaxpr)
+
+
+def resolve_engine(options: EngineOptions, *, backend: str, conv: bool, num_steps: int,
+                   clients_per_round: int) -> dict:
+    """Turns 'auto' into concrete choices.
+
+    XLA:CPU: vmapped per-client convolution weights become grouped convolutions (~3x
+    slower than clients one after another) and a convolution inside a rolled loop body is
+    10-15x slower than unrolled, so conv models run clients one by one with unrolled
+    steps; dense models vmap the whole cohort. Accelerators vmap everything: small
+    per-client batches leave them idle otherwise.
+    """
+    chunk, unroll, per_call = options.clients_per_chunk, options.unroll, options.rounds_per_call
+    cpu = backend == "cpu"
+    if chunk == "auto":
+        chunk = 1 if (cpu and conv) else None
+    if unroll == "auto":
+        if cpu:
+            unroll = True if num_steps <= MAX_FULL_UNROLL or conv else 4
+        else:
+            unroll = 1
+    if per_call == "auto":
+        per_call = 1 if (cpu and conv) else 50
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise UserError(f"engine.clients_per_chunk must be 'auto', None or an integer >= 1, "
+                        f"got {chunk!r}")
+    if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
+        raise UserError(f"engine.unroll must be 'auto', True or an integer >= 1, got {unroll!r}")
+    if not isinstance(per_call, int) or per_call < 1:
+        raise UserError(f"engine.rounds_per_call must be 'auto' or an integer >= 1, got {per_call!r}")
+    if chunk is not None and chunk >= clients_per_round:
+        chunk = None
+    return {"clients_per_chunk": chunk, "unroll": unroll, "rounds_per_call": per_call}
+
+
+@dataclasses.dataclass
+class Result:
+    """What a simulation returns.
+
+    params / model_state: the final global model; server_state: the algorithm's full
+    server state; history: one dict per round (what metrics.jsonl holds); summary:
+    final evaluation, timings and engine choices.
+    """
+
+    params: PyTree
+    model_state: PyTree
+    server_state: PyTree
+    history: list[dict]
+    summary: dict
+
+
+def _check_inputs(model, train_data, rounds, clients_per_round, eval_every, task, input_key):
+    if rounds < 1:
+        raise UserError(f"rounds must be >= 1, got {rounds}")
+    if eval_every < 1:
+        raise UserError(f"eval_every must be >= 1, got {eval_every}")
+    if clients_per_round < 1:
+        raise UserError(f"clients_per_round must be >= 1, got {clients_per_round}")
+    if clients_per_round > train_data.num_clients:
+        raise UserError(f"clients_per_round={clients_per_round} exceeds the "
+                        f"{train_data.num_clients} clients in the training data; lower "
+                        f"clients_per_round or partition into more clients")
+    empty = train_data.empty_clients()
+    if empty:
+        raise UserError(f"{len(empty)} training client(s) have no examples (e.g. {empty[0]!r}); "
+                        f"drop them with data.drop_empty() or use a partitioner with min_size >= 1")
+    for key in (input_key, task.label_key):
+        if key not in train_data.features:
+            raise UserError(f"training data has no feature {key!r} (it has "
+                            f"{list(train_data.features)}); name the features 'x' and 'y' or "
+                            f"set input_key / the task's label_key")
+    x = train_data.features[input_key]
+    if tuple(x.shape[1:]) != tuple(model.input_shape):
+        raise UserError(f"model {model.name} expects inputs of shape {list(model.input_shape)} "
+                        f"but the data's {input_key!r} examples are {list(x.shape[1:])}; build "
+                        f"the model with input_shape={tuple(x.shape[1:])}")
+
+
+def simulate(
+    model: Model,
+    algorithm: Algorithm,
+    train_data,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    task: Task | None = None,
+    eval_data: dict | None = None,
+    client_eval_data=None,
+    eval_every: int = 10,
+    eval_batch_size: int = 256,
+    seed: int = 0,
+    aggregator: AggregatorPart | None = None,
+    engine: EngineOptions = EngineOptions(),
+    input_key: str = "x",
+    workdir: str | None = None,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> Result:
+    """Runs federated training and returns the final model and its history.
+
+    Args:
+      model: a `fedjax_sim.models.Model` (zoo model, or `from_nnx` / `from_linen`).
+      algorithm: e.g. `fedjax_sim.algorithms.fedavg(optax.sgd(0.1))`.
+      train_data: a `FederatedData`; each round samples `clients_per_round` of its clients
+        uniformly without replacement.
+      task: loss and metrics (default: classification).
+      eval_data: a pooled test set (dict of arrays) for centralized `test_*` metrics.
+      client_eval_data: a `FederatedData` with the same clients' held-out examples for
+        per-client `client_test_*` metrics (mean, percentiles, min).
+      eval_every: evaluate after every this many rounds, and after the last.
+      seed: the one root of all randomness (init, sampling, shuffling, dropout).
+      aggregator: aggregator part(s) (default: weighted mean).
+      engine: execution strategy (default: chosen by backend and model).
+      workdir: if given, `metrics.jsonl` and `summary.json` are written there.
+      callback: called with each round's metrics dict (after it is logged).
+    """
+    task = task or classification()
+    aggregator = aggregator or weighted_mean()
+    _check_inputs(model, train_data, rounds, clients_per_round, eval_every, task, input_key)
+    schedule = make_schedule(train_data.max_client_size, batch_size=getattr(algorithm, "batch_size", None),
+                             local_epochs=getattr(algorithm, "local_epochs", None),
+                             local_steps=getattr(algorithm, "local_steps", None))
+
+    root = jax.random.key(seed)
+    params, model_state = model.init(jax.random.fold_in(root, 0x1A17))
+    example_x = jnp.asarray(train_data.features[input_key][:2])
+    try:
+        out_shape = jax.eval_shape(lambda p: model.apply(p, model_state, example_x, train=False)[0],
+                                   params).shape
+    except Exception as e:  # a shape error inside the user's model
+        raise UserError(f"model {model.name} fails on the data's inputs of shape "
+                        f"{list(example_x.shape[1:])}: {str(e).splitlines()[0]}") from None
+    if task.check is not None:
+        task.check(tuple(out_shape), np.asarray(train_data.features[task.label_key]))
+
+    backend = jax.default_backend()
+    choice = resolve_engine(engine, backend=backend,
+                            conv=has_convolution(model, params, model_state, example_x),
+                            num_steps=schedule.num_steps, clients_per_round=clients_per_round)
+    problem = Problem(model, task, model_state, input_key)
+    program = RoundProgram(algorithm, problem, aggregator, schedule,
+                           num_clients=train_data.num_clients,
+                           max_client_size=train_data.max_client_size,
+                           clients_per_round=clients_per_round,
+                           clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"])
+    data = DeviceData.from_federated(train_data)
+    central = CentralEvaluator(model, task, eval_data, input_key=input_key,
+                               batch_size=eval_batch_size) if eval_data is not None else None
+    per_client = ClientEvaluator(model, task, client_eval_data, input_key=input_key,
+                                 batch_size=eval_batch_size) if client_eval_data is not None else None
+
+    state = program.init(params)
+    per_call = min(choice["rounds_per_call"], eval_every, rounds)
+    t0 = time.perf_counter()
+    run = program.compile(state, data, model_state, root, per_call)
+    compile_seconds = time.perf_counter() - t0
+
+    writer = open(os.path.join(workdir, "metrics.jsonl"), "w") if workdir else None
+    bar = _progress_bar(rounds, progress)
+    history: list[dict] = []
+    train_seconds = 0.0
+    done = 0
+    try:
+        while done < rounds:
+            count = min(per_call, rounds - done, eval_every - done % eval_every)
+            t1 = time.perf_counter()
+            state, metrics = run(state, data, model_state, root, done, count)
+            metrics = jax.device_get(metrics)
+            train_seconds += time.perf_counter() - t1
+            rows = [{"round": done + i + 1, **{k: _scalar(v[i]) for k, v in metrics.items()}}
+                    for i in range(count)]
+            done += count
+            for row in rows:
+                if not math.isfinite(row["train_loss"]):
+                    raise UserError(f"training diverged at round {row['round']} (train_loss is "
+                                    f"{row['train_loss']}); lower the client or server learning rate")
+            if done % eval_every == 0 or done == rounds:
+                rows[-1].update(_evaluate(algorithm.params(state.server), model_state,
+                                          central, per_client))
+            for row in rows:
+                history.append(row)
+                if writer:
+                    writer.write(json.dumps(row) + "\n")
+                if callback:
+                    callback(row)
+            if writer:
+                writer.flush()
+            bar.update(count, rows[-1], done / max(train_seconds, 1e-9))
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+
+    final = {k: v for k, v in history[-1].items() if k.startswith(("test_", "client_test_"))}
+    summary = {
+        "rounds": rounds,
+        "final": final,
+        "train_loss": history[-1]["train_loss"],
+        "seconds_per_round": train_seconds / rounds,
+        "compile_seconds": compile_seconds,
+        "num_params": model.num_params(params),
+        "engine": {**choice, "backend": backend, "local_steps": schedule.num_steps,
+                   "batch_size": schedule.batch_size},
+    }
+    if workdir:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    params = algorithm.params(state.server)
+    return Result(params, model_state, state.server, history, summary)
+
+
+def _scalar(x):
+    x = np.asarray(x)
+    return x.item() if x.ndim == 0 else x.tolist()
+
+
+def _evaluate(params, model_state, central, per_client) -> dict:
+    out = {}
+    if central is not None:
+        out.update({f"test_{k}": float(v) for k, v in jax.device_get(central(params, model_state)).items()})
+    if per_client is not None:
+        out.update(summarize_clients(per_client(params, model_state), prefix="client_test_"))
+    return out
+
+
+class _progress_bar:
+    """tqdm over rounds showing loss, accuracy and rounds/s; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+        self._shown: dict = {}
+
+    def update(self, n: int, row: dict, rounds_per_second: float):
+        if self._bar is None:
+            return
+        self._shown["loss"] = f"{row['train_loss']:.4f}"
+        for key in ("test_accuracy", "test_loss", "test_mse"):
+            if key in row:
+                self._shown[key.replace("test_", "test_")] = f"{row[key]:.4f}"
+        self._shown["rounds/s"] = f"{rounds_per_second:.1f}"
+        self._bar.set_postfix(self._shown, refresh=False)
+        self._bar.update(n)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
