@@ -64,6 +64,6 @@ class LocalData:
         shapes = jax.eval_shape(lambda c: step(c, zero_batch, self._mask[0], key)[1], carry)
         sums0 = jax.tree_util.tree_map(lambda sd: jnp.zeros(sd.shape, jnp.float32), shapes)
         steps = jnp.arange(self.num_steps)
-        unroll = self.num_steps if self._unroll is True else max(1, int(self._unroll))
+        unroll = True if (self._unroll is True or self._unroll >= self.num_steps) else int(self._unroll)
         (carry, sums), _ = jax.lax.scan(body, (carry, sums0), steps, unroll=unroll)
         return carry, sums

@@ -6,6 +6,8 @@
 - `cnn`: the EMNIST CNN of Reddi et al. 2021 / TFF's FedAvg baselines:
   conv3x3(32)-relu, conv3x3(64)-relu, maxpool 2x2, dropout 0.25, dense 128-relu,
   dropout 0.5, dense num_classes (valid padding: 1.2 M parameters on 28x28x1 inputs).
+  On CPU its convolutions are computed as im2col + matmul (models/conv.py), which is
+  what makes vmapped and scanned local training fast there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flax import nnx
 
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model, from_nnx
+from fedjax_sim.models.conv import conv_function
 
 
 class LogisticRegression(nnx.Module):
@@ -45,10 +48,12 @@ class MLP(nnx.Module):
 
 
 class CNN(nnx.Module):
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, *, rngs: nnx.Rngs):
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, *, conv_impl: str = "auto",
+                 rngs: nnx.Rngs):
         h, w, c = input_shape
-        self.conv1 = nnx.Conv(c, 32, (3, 3), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(32, 64, (3, 3), padding="VALID", rngs=rngs)
+        conv = conv_function(conv_impl)
+        self.conv1 = nnx.Conv(c, 32, (3, 3), padding="VALID", conv_general_dilated=conv, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, (3, 3), padding="VALID", conv_general_dilated=conv, rngs=rngs)
         self.drop1 = nnx.Dropout(0.25, rngs=rngs)
         flat = ((h - 4) // 2) * ((w - 4) // 2) * 64
         if flat <= 0:
@@ -81,11 +86,13 @@ def mlp(input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (2
                     tuple(input_shape), name=f"mlp{list(hidden)}")
 
 
-def cnn(input_shape: Sequence[int], num_outputs: int) -> Model:
+def cnn(input_shape: Sequence[int], num_outputs: int, conv_impl: str = "auto") -> Model:
+    """The EMNIST CNN; `conv_impl` 'auto' uses im2col convolutions on CPU (models/conv.py)."""
     if len(input_shape) != 3:
         raise UserError(f"the cnn needs image inputs [height, width, channels], got "
                         f"{list(input_shape)}; use model.name='mlp' for flat features")
-    return from_nnx(lambda rngs: CNN(tuple(input_shape), num_outputs, rngs=rngs),
+    conv_function(conv_impl)  # validate now, not inside the module factory
+    return from_nnx(lambda rngs: CNN(tuple(input_shape), num_outputs, conv_impl=conv_impl, rngs=rngs),
                     tuple(input_shape), name="cnn")
 
 

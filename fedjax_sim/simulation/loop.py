@@ -29,8 +29,10 @@ from fedjax_sim.models.tasks import Task, classification
 from fedjax_sim.simulation.evaluation import CentralEvaluator, ClientEvaluator, summarize_clients
 
 PyTree = Any
-# Beyond this many local steps a fully unrolled client loop compiles too slowly to pay off.
-MAX_FULL_UNROLL = 32
+# On CPU, local loops of at most this many steps are fully unrolled by default.
+MAX_AUTO_UNROLL = 8
+# Rounds fused into one compiled call by default (bounded by the evaluation cadence).
+MAX_ROUNDS_PER_CALL = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,31 +76,29 @@ def has_convolution(model: Model, params, model_state, example_x) -> bool:
 
 def resolve_engine(options: EngineOptions, *, backend: str, conv: bool, num_steps: int,
                    clients_per_round: int) -> dict:
-    """Turns 'auto' into concrete choices.
+    """Turns 'auto' into concrete choices (measurements in benchmarks/README.md).
 
-    XLA:CPU: vmapped per-client convolution weights become grouped convolutions (~3x
-    slower than clients one after another) and a convolution inside a rolled loop body is
-    10-15x slower than unrolled, so conv models run clients one by one with unrolled
-    steps; dense models vmap the whole cohort. Accelerators vmap everything: small
-    per-client batches leave them idle otherwise.
+    Everywhere: vmap the cohort, local steps in a `lax.scan` (fully unrolled when there are
+    at most MAX_AUTO_UNROLL steps on CPU, where unrolling saves per-step loop overhead at
+    little compile cost), and MAX_ROUNDS_PER_CALL rounds fused per call.
+    The exception is an XLA convolution on CPU (`conv`: the zoo's models use im2col
+    convolutions there and are not affected): inside any loop body it runs ~10x slower,
+    so such a model gets no loop at all: steps unrolled and one round per call.
     """
     chunk, unroll, per_call = options.clients_per_chunk, options.unroll, options.rounds_per_call
     cpu = backend == "cpu"
     if chunk == "auto":
-        chunk = 1 if (cpu and conv) else None
+        chunk = None
     if unroll == "auto":
-        if cpu:
-            unroll = True if num_steps <= MAX_FULL_UNROLL or conv else 4
-        else:
-            unroll = 1
+        unroll = True if (cpu and (conv or num_steps <= MAX_AUTO_UNROLL)) else 1
     if per_call == "auto":
-        per_call = 1 if (cpu and conv) else 50
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        per_call = 1 if (cpu and conv) else MAX_ROUNDS_PER_CALL
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise UserError(f"engine.clients_per_chunk must be 'auto', None or an integer >= 1, "
                         f"got {chunk!r}")
     if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1)):
         raise UserError(f"engine.unroll must be 'auto', True or an integer >= 1, got {unroll!r}")
-    if not isinstance(per_call, int) or per_call < 1:
+    if isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1:
         raise UserError(f"engine.rounds_per_call must be 'auto' or an integer >= 1, got {per_call!r}")
     if chunk is not None and chunk >= clients_per_round:
         chunk = None

@@ -1,0 +1,154 @@
+"""Builds a simulation from a config and runs it: the config-file face of `simulate()`.
+
+Config layout (see configs/*.py):
+
+    seed, rounds, clients_per_round, eval_every
+    data:      source ('digits' | 'diabetes' | 'synthetic'), num_clients, partition,
+               partition_args, client_test_fraction, seed, (synthetic: alpha, beta, iid)
+    model:     name (zoo name), args
+    task:      'classification' | 'regression'
+    algorithm: name ('fedavg'), client_optimizer {name, learning_rate, args},
+               server_optimizer {…}, local_epochs, local_steps, batch_size, weighting
+    engine:    clients_per_chunk, unroll, rounds_per_call
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+
+import ml_collections
+import numpy as np
+import optax
+
+from fedjax_sim import data as fdata
+from fedjax_sim.algorithms import fedavg
+from fedjax_sim.errors import UserError
+from fedjax_sim.models import get_model, get_task
+from fedjax_sim.simulation import EngineOptions, simulate
+
+DATA_SOURCES = ("digits", "diabetes", "synthetic")
+ALGORITHMS = ("fedavg",)
+
+
+def _get(config, key, default=None):
+    return config[key] if key in config else default
+
+
+def _positive_int(value, key):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"config.{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, key: str) -> optax.GradientTransformation:
+    """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)."""
+    name = _get(cfg, "name")
+    fn = getattr(optax, name, None) if isinstance(name, str) else None
+    if fn is None or not callable(fn) or "learning_rate" not in inspect.signature(fn).parameters:
+        raise UserError(f"config.{key}.name={name!r} is not an optax optimizer; use e.g. "
+                        f"'sgd', 'adam', 'yogi', 'adagrad'")
+    lr = _get(cfg, "learning_rate")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise UserError(f"config.{key}.learning_rate must be a number > 0, got {lr!r}")
+    args = dict(_get(cfg, "args", {}) or {})
+    try:
+        inspect.signature(fn).bind(lr, **args)
+    except TypeError as e:
+        raise UserError(f"config.{key}.args {args} do not fit optax.{name}: {e}") from None
+    return fn(lr, **args)
+
+
+def build_data(cfg: ml_collections.ConfigDict, seed: int):
+    """Returns (train FederatedData, pooled test dict, per-client test FederatedData or None, info)."""
+    source = _get(cfg, "source")
+    data_seed = _get(cfg, "seed", seed)
+    info = {}
+    if source == "synthetic":
+        train, client_test, info = fdata.synthetic(
+            _get(cfg, "alpha", 1.0), _get(cfg, "beta", 1.0),
+            num_clients=_get(cfg, "num_clients", 30), seed=data_seed,
+            iid=_get(cfg, "iid", False))
+        test = {k: v for k, v in client_test.features.items()}
+        return train, test, client_test, {"target_stats": None}
+    if source == "digits":
+        train_arrays, test = fdata.load_digits(seed=data_seed)
+    elif source == "diabetes":
+        train_arrays, test, stats = fdata.load_diabetes(seed=data_seed)
+        info["target_stats"] = stats
+    else:
+        raise UserError(f"config.data.source={source!r} is not a known dataset; choose one of "
+                        f"{list(DATA_SOURCES)}")
+    name = _get(cfg, "partition", "iid")
+    num_clients = _positive_int(_get(cfg, "num_clients"), "data.num_clients")
+    args = dict(_get(cfg, "partition_args", {}) or {})
+    clients = fdata.partition(train_arrays, train_arrays["y"], name, num_clients,
+                              seed=data_seed, **args)
+    fraction = _get(cfg, "client_test_fraction", 0.0) or 0.0
+    client_test = None
+    if fraction:
+        clients, client_test = clients.split(fraction, seed=data_seed)
+    return clients, test, client_test, info
+
+
+def build(config: ml_collections.ConfigDict) -> dict:
+    """Everything `simulate()` needs, built and checked from the config."""
+    for key in ("rounds", "clients_per_round", "eval_every"):
+        _positive_int(_get(config, key), key)
+    seed = _get(config, "seed", 0)
+    train, test, client_test, info = build_data(config.data, seed)
+
+    task = get_task(_get(config, "task", "classification"))
+    labels = train.features["y"]
+    if task.name == "classification":
+        num_outputs = int(max(labels.max(), test["y"].max())) + 1
+    else:
+        num_outputs = int(np.prod(labels.shape[1:]))
+    model_cfg = config.model
+    model = get_model(model_cfg.name, train.features["x"].shape[1:],
+                      _get(model_cfg, "num_outputs") or num_outputs,
+                      **dict(_get(model_cfg, "args", {}) or {}))
+
+    alg = config.algorithm
+    if _get(alg, "name", "fedavg") not in ALGORITHMS:
+        raise UserError(f"config.algorithm.name={alg.name!r} is not known; choose one of "
+                        f"{list(ALGORITHMS)}")
+    batch_size = _get(alg, "batch_size", 10)
+    if batch_size is not None:
+        _positive_int(batch_size, "algorithm.batch_size")
+    algorithm = fedavg(build_optimizer(alg.client_optimizer, "algorithm.client_optimizer"),
+                       build_optimizer(alg.server_optimizer, "algorithm.server_optimizer"),
+                       local_epochs=_get(alg, "local_epochs"), local_steps=_get(alg, "local_steps"),
+                       batch_size=batch_size, weighting=_get(alg, "weighting", "num_examples"))
+    engine_cfg = dict(_get(config, "engine", {}) or {})
+    known = {f.name for f in dataclasses.fields(EngineOptions)}
+    if set(engine_cfg) - known:
+        raise UserError(f"unknown engine option(s) {sorted(set(engine_cfg) - known)}; "
+                        f"known: {sorted(known)}")
+    return dict(model=model, algorithm=algorithm, train_data=train, task=task,
+                eval_data=test, client_eval_data=client_test,
+                rounds=config.rounds, clients_per_round=config.clients_per_round,
+                eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),
+                info=info)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True):
+    """Builds and runs the experiment; writes config.json, metrics.jsonl, summary.json."""
+    parts = build(config)
+    info = parts.pop("info")
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
+    result = simulate(**parts, workdir=workdir, progress=progress)
+    result.summary["data"] = {"num_clients": parts["train_data"].num_clients,
+                              "num_examples": parts["train_data"].num_examples,
+                              "max_client_size": parts["train_data"].max_client_size}
+    if info.get("target_stats"):
+        result.summary["data"]["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}
+    if workdir:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(result.summary, f, indent=2)
+    return result
