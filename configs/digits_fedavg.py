@@ -5,7 +5,7 @@
 An MLP (200-200) trained with client SGD (lr 0.1, 1 local epoch, batch 10) and server
 SGD at lr 1 (plain FedAvg). Each client holds out 20% of its examples for per-client
 evaluation; `test_*` is the pooled digits test split (360 images).
-Reaches test accuracy 0.95 after 200 rounds (seed 0), in about 15 s on a 2-core CPU.
+Reaches test accuracy 0.953 after 200 rounds (seed 0), in about 12 s on a 2-core CPU.
 """
 
 import ml_collections
@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "classification"
     c.data = dict(source="digits", num_clients=100, partition="dirichlet",
                   partition_args=dict(alpha=0.5), client_test_fraction=0.2, seed=0)
-    c.model = dict(name="mlp", args=dict(hidden=[200, 200]))
+    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[200, 200]))
     c.algorithm = dict(
         name="fedavg",
         client_optimizer=dict(name="sgd", learning_rate=0.1, args={}),

@@ -5,7 +5,7 @@
 FedSGD is FedAvg with one local step on the client's whole dataset (batch_size=None) and
 client SGD at lr 1, so the client delta is exactly its gradient; the server learning rate
 is then the step size. Same data and model as digits_fedavg.py.
-Reaches test accuracy 0.93 after 200 rounds (seed 0).
+Reaches test accuracy 0.956 after 200 rounds (seed 0), in about 13 s on a 2-core CPU.
 """
 
 import ml_collections
@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "classification"
     c.data = dict(source="digits", num_clients=100, partition="dirichlet",
                   partition_args=dict(alpha=0.5), client_test_fraction=0.2, seed=0)
-    c.model = dict(name="mlp", args=dict(hidden=[200, 200]))
+    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[200, 200]))
     c.algorithm = dict(
         name="fedavg",
         client_optimizer=dict(name="sgd", learning_rate=1.0, args={}),

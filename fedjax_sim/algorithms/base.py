@@ -52,8 +52,7 @@ class Problem(NamedTuple):
         loss_sum = jnp.sum(per_example * weight)
         sums = {"loss": loss_sum, "count": count}
         for name, fn in self.task.metrics.items():
-            if name != "mse":  # the regression loss is already the mse
-                sums[name] = jnp.sum(fn(outputs, labels) * weight)
+            sums[name] = jnp.sum(fn(outputs, labels) * weight)
         return loss_sum / jnp.maximum(count, 1.0), sums
 
 

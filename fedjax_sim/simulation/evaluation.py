@@ -28,8 +28,7 @@ def _masked_sums(model: Model, task: Task, input_key: str, params, model_state, 
     w = mask.astype(jnp.float32)
     sums = {"loss": jnp.sum(task.loss(outputs, labels) * w), "count": jnp.sum(w)}
     for name, fn in task.metrics.items():
-        if name != "mse":
-            sums[name] = jnp.sum(fn(outputs, labels) * w)
+        sums[name] = jnp.sum(fn(outputs, labels) * w)
     return sums
 
 

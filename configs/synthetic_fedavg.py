@@ -1,0 +1,29 @@
+"""FedAvg on FedProx's Synthetic(1, 1): 30 devices, multinomial logistic regression.
+
+    fedjax-sim train --config configs/synthetic_fedavg.py --workdir runs/synthetic_fedavg
+
+The setting of Li et al. 2020 (FedProx): 10 devices per round, 20 local epochs of batch
+10, client SGD lr 0.01, 200 rounds; each device holds out 10% of its data (`client_test_*`
+and `test_*` are computed on those held-out examples).
+Reaches test accuracy 0.839 after 200 rounds (seed 0), in about 30 s on a 2-core CPU.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.rounds = 200
+    c.clients_per_round = 10
+    c.eval_every = 20
+    c.task = "classification"
+    c.data = dict(source="synthetic", alpha=1.0, beta=1.0, iid=False, num_clients=30, seed=0)
+    c.model = dict(name="logistic_regression", num_outputs=None, args={})
+    c.algorithm = dict(
+        name="fedavg",
+        client_optimizer=dict(name="sgd", learning_rate=0.01, args={}),
+        server_optimizer=dict(name="sgd", learning_rate=1.0, args={}),
+        local_epochs=20, local_steps=None, batch_size=10, weighting="num_examples")
+    c.engine = dict(clients_per_chunk="auto", unroll="auto", rounds_per_call="auto")
+    return ml_collections.ConfigDict(c)
