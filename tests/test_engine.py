@@ -9,7 +9,9 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim.data import FederatedData
 from fedjax_sim.engine import client_batches, make_schedule, map_clients
+from fedjax_sim.engine.batching import bits_needed
 from fedjax_sim.engine.local import LocalData
+from fedjax_sim.engine.round import client_randomness, split_round_key
 from fedjax_sim.algorithms import Problem
 from fedjax_sim.models import classification, logistic_regression
 
@@ -30,7 +32,7 @@ def _toy(sizes, features=6, classes=3, seed=0):
 def _reference_round(data, params, algorithm, schedule, root, r, m, lr):
     """One FedAvg round as a plain loop: same cohort and batch indices, numpy SGD on the
     real examples only, numpy weighted mean."""
-    k_sample, k_clients, _ = jax.random.split(jax.random.fold_in(root, r), 3)
+    k_sample, k_clients, _ = split_round_key(root, r)
     cohort = np.asarray(jax.random.choice(k_sample, data.num_clients, (m,), replace=False))
     kernel = np.asarray(params["dense"]["kernel"], np.float64)
     bias = np.asarray(params["dense"]["bias"], np.float64)
@@ -38,9 +40,9 @@ def _reference_round(data, params, algorithm, schedule, root, r, m, lr):
     new_k, new_b, weights = [], [], []
     for cid in cohort:
         n = int(data.client_sizes[cid])
-        key = jax.random.fold_in(k_clients, int(cid))
-        k_batches, _, _ = jax.random.split(key, 3)
-        idx, mask = map(np.asarray, client_batches(schedule, k_batches, jnp.int32(n),
+        _, _, bits = client_randomness(k_clients, jnp.int32(cid),
+                                       bits_needed(schedule, data.max_client_size))
+        idx, mask = map(np.asarray, client_batches(schedule, bits, jnp.int32(n),
                                                    data.max_client_size))
         off = data.offsets[cid]
         batches = [off + idx[s][mask[s]] for s in range(len(idx)) if mask[s].any()]
@@ -100,17 +102,15 @@ def test_map_clients_sum_equals_numpy_weighted_sum():
     deltas = rng.normal(size=(11, 4, 3)).astype(np.float32)
     weights = rng.uniform(1, 50, size=11).astype(np.float32)
 
-    def fn(i):
-        return (weights[i] * deltas[i], weights[i]), {"i": i}
+    def fn_j(i):
+        return jnp.asarray(weights)[i], jnp.asarray(deltas)[i], {"i": i}
 
-    fn_j = lambda i: ((jnp.asarray(weights)[i] * jnp.asarray(deltas)[i], jnp.asarray(weights)[i]), {"i": i})
     expected = np.einsum("c,cij->ij", weights.astype(np.float64), deltas.astype(np.float64))
     for chunk in (None, 1, 4, 11):
-        (total, wsum), out = jax.jit(lambda ids: map_clients(fn_j, ids, chunk))(jnp.arange(11))
+        total, wsum, out = jax.jit(lambda ids: map_clients(fn_j, ids, chunk))(jnp.arange(11))
         np.testing.assert_allclose(total, expected, rtol=1e-5)
         np.testing.assert_allclose(wsum, weights.sum(), rtol=1e-6)
         np.testing.assert_array_equal(out["i"], np.arange(11))
-    del fn
 
 
 def test_padding_is_an_exact_noop_for_a_small_client():
@@ -126,7 +126,8 @@ def test_padding_is_an_exact_noop_for_a_small_client():
     def delta(data):
         sched = make_schedule(data.max_client_size, batch_size=8, local_epochs=3, local_steps=None)
         key = jax.random.key(7)
-        idx, mask = client_batches(sched, key, jnp.int32(3), data.max_client_size)
+        bits = jax.random.bits(key, (bits_needed(sched, data.max_client_size),), jnp.uint32)
+        idx, mask = client_batches(sched, bits, jnp.int32(3), data.max_client_size)
         feats = {k: jnp.asarray(v) for k, v in data.features.items()}
         local = LocalData(feats, jnp.int32(0), idx, mask, jnp.int32(3), jnp.int32(0), 1)
         out = alg.client_update(problem, params, local, key)
@@ -142,7 +143,8 @@ def test_padding_is_an_exact_noop_for_a_small_client():
 
 def test_epoch_schedule_visits_every_example_once_per_epoch():
     sched = make_schedule(23, batch_size=5, local_epochs=3, local_steps=None)
-    idx, mask = map(np.asarray, client_batches(sched, jax.random.key(0), jnp.int32(17), 23))
+    bits = jax.random.bits(jax.random.key(0), (bits_needed(sched, 23),), jnp.uint32)
+    idx, mask = map(np.asarray, client_batches(sched, bits, jnp.int32(17), 23))
     per_epoch = sched.num_steps // 3
     for e in range(3):
         rows = idx[e * per_epoch:(e + 1) * per_epoch][mask[e * per_epoch:(e + 1) * per_epoch]]
@@ -153,7 +155,8 @@ def test_epoch_schedule_visits_every_example_once_per_epoch():
 
 def test_fixed_steps_schedule_balances_examples():
     sched = make_schedule(50, batch_size=4, local_epochs=None, local_steps=10)
-    idx, mask = map(np.asarray, client_batches(sched, jax.random.key(1), jnp.int32(8), 50))
+    bits = jax.random.bits(jax.random.key(1), (bits_needed(sched, 50),), jnp.uint32)
+    idx, mask = map(np.asarray, client_batches(sched, bits, jnp.int32(8), 50))
     assert mask.all() and idx.shape == (10, 4)
     counts = np.bincount(idx.ravel(), minlength=8)
     assert counts.sum() == 40 and counts.min() == counts.max() == 5  # 5 full passes over 8
@@ -232,3 +235,26 @@ def test_chain_of_aggregator_parts_equals_parts_applied_by_hand():
                        jax.tree_util.tree_leaves(chained.params)):
         np.testing.assert_allclose(c, a - (0.5 * (a - b) + 0.01), atol=1e-6)
     assert chained.history[0]["shifted"] == 1.0
+
+
+def test_shuffle_is_a_uniform_permutation_for_rank_and_sort_paths():
+    """Both permutation algorithms give permutations of the real slots, uniform over
+    positions (chi-square bound), with padding last; and they agree on the same keys."""
+    from fedjax_sim.engine.batching import RANK_MAX_SLOTS, _permutation, _shuffle
+
+    n, trials = 9, 4000
+    for length in (12, RANK_MAX_SLOTS + 5):
+        bits = jax.random.bits(jax.random.key(length), (trials, length), jnp.uint32)
+        perms = np.asarray(jax.vmap(lambda b: _shuffle(b, jnp.int32(n), length))(bits))
+        assert (np.sort(perms[:, :n], axis=1) == np.arange(n)).all()
+        assert (perms[:, n:] == np.arange(n, length)).all()
+        counts = np.zeros((n, n))
+        for row in perms[:, :n]:
+            counts[np.arange(n), row] += 1
+        expected = trials / n
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        dof = (n - 1) ** 2
+        assert chi2 < dof + 5 * np.sqrt(2 * dof), chi2  # 5 sigma: fails on a biased shuffle
+    keys = np.asarray(jax.random.bits(jax.random.key(0), (40,), jnp.uint32)) % 7  # many ties
+    np.testing.assert_array_equal(np.asarray(_permutation(jnp.asarray(keys))),
+                                  np.argsort(keys, kind="stable"))

@@ -12,7 +12,7 @@ sums the deltas with the aggregator, and calls `server_update` once per round.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,15 +45,8 @@ class Problem(NamedTuple):
         """
         outputs, _ = self.model.apply(params, self.model_state, batch[self.input_key],
                                       train=True, rng=rng)
-        labels = batch[self.task.label_key]
-        weight = mask.astype(jnp.float32)
-        count = jnp.sum(weight)
-        per_example = self.task.loss(outputs, labels)
-        loss_sum = jnp.sum(per_example * weight)
-        sums = {"loss": loss_sum, "count": count}
-        for name, fn in self.task.metrics.items():
-            sums[name] = jnp.sum(fn(outputs, labels) * weight)
-        return loss_sum / jnp.maximum(count, 1.0), sums
+        sums = self.task.masked_sums(outputs, batch[self.task.label_key], mask)
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
 
 class Algorithm:

@@ -19,6 +19,7 @@ client id), so results do not depend on how clients are chunked or how rounds ar
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.aggregators import AggregatorPart, divide
 from fedjax_sim.algorithms.base import Algorithm, Problem
-from fedjax_sim.engine.batching import Schedule, client_batches
+from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.local import LocalData
 
@@ -53,9 +54,27 @@ class DeviceData(NamedTuple):
                    put(jnp.asarray(data.client_sizes, jnp.int32)))
 
 
-def _split_round_key(root: jax.Array, r: jax.Array):
-    key_r = jax.random.fold_in(root, r)
-    return jax.random.split(key_r, 3)  # sampling, clients, aggregator
+def split_round_key(root: jax.Array, r: jax.Array):
+    """(sampling, clients, aggregator) keys of round r."""
+    return jax.random.split(jax.random.fold_in(root, r), 3)
+
+
+def client_randomness(clients_key: jax.Array, client_id: jax.Array, num_bits: int):
+    """Client i's training key, aggregator key and `num_bits` shuffle words.
+
+    Everything derives from fold_in(clients_key, client_id), so a client's randomness does
+    not depend on its position in the cohort or on chunking. One `random.bits` call makes
+    all of it: on XLA:CPU each PRNG call is a rolled loop with a fixed cost, so a round
+    makes as few as it can.
+    """
+    key = jax.random.fold_in(clients_key, client_id)
+    shape = jax.random.key_data(key).shape
+    words = math.prod(shape)
+    bits = jax.random.bits(key, (2 * words + num_bits,), jnp.uint32)
+    impl = jax.random.key_impl(key)
+    k_train = jax.random.wrap_key_data(bits[:words].reshape(shape), impl=impl)
+    k_agg = jax.random.wrap_key_data(bits[words:2 * words].reshape(shape), impl=impl)
+    return k_train, k_agg, bits[2 * words:]
 
 
 class RoundProgram:
@@ -112,24 +131,22 @@ class RoundProgram:
     def _round(self, state: SimState, data: DeviceData, model_state, root, r):
         algorithm, aggregator = self.algorithm, self.aggregator
         problem = self.problem._replace(model_state=model_state)
-        k_sample, k_clients, k_agg = _split_round_key(root, r)
+        k_sample, k_clients, k_agg = split_round_key(root, r)
+        num_bits = bits_needed(self.schedule, self.max_client_size)
         cohort = jax.random.choice(k_sample, self.num_clients, (self.clients_per_round,),
                                    replace=False).astype(jnp.int32)
         broadcast = algorithm.broadcast(state.server)
 
         def client(cid):
             n = data.sizes[cid]
-            key = jax.random.fold_in(k_clients, cid)
-            k_batches, k_train, k_agg_client = jax.random.split(key, 3)
-            idx, mask = client_batches(self.schedule, k_batches, n, self.max_client_size)
+            k_train, k_agg_client, bits = client_randomness(k_clients, cid, num_bits)
+            idx, mask = client_batches(self.schedule, bits, n, self.max_client_size)
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll)
             out = algorithm.client_update(problem, broadcast, local, k_train)
             delta, agg_metrics = aggregator.client(out.delta, state.aggregator, k_agg_client)
-            w = algorithm.client_weight(n)
-            summand = (jax.tree_util.tree_map(lambda d: w * d.astype(jnp.float32), delta), w)
-            return summand, (out.metrics, agg_metrics)
+            return algorithm.client_weight(n), delta, (out.metrics, agg_metrics)
 
-        (total, denominator), (train_sums, client_agg) = map_clients(
+        total, denominator, (train_sums, client_agg) = map_clients(
             client, cohort, self.clients_per_chunk)
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
             total, denominator, state.aggregator, k_agg)

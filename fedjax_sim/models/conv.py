@@ -53,7 +53,7 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
             preferred_element_type=preferred_element_type, **kwargs)
 
     kernel = rhs.shape[:nd]
-    cin, cout = rhs.shape[nd], rhs.shape[nd + 1]
+    cout = rhs.shape[nd + 1]
     strides = tuple(window_strides)
     effective = tuple((k - 1) * d + 1 for k, d in zip(kernel, rhs_dilation))
     if isinstance(padding, str):

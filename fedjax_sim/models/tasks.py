@@ -40,6 +40,18 @@ class Task:
     label_key: str = "y"
     check: Callable[[tuple[int, ...], np.ndarray], None] | None = None
 
+    def masked_sums(self, outputs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+        """Sums over the real examples (mask=True): `loss`, each metric, and `count`.
+
+        Dividing by `count` gives means that padded examples never touch, however the
+        examples are split into batches.
+        """
+        weight = mask.astype(jnp.float32)
+        sums = {"loss": jnp.sum(self.loss(outputs, labels) * weight), "count": jnp.sum(weight)}
+        for name, fn in self.metrics.items():
+            sums[name] = jnp.sum(fn(outputs, labels) * weight)
+        return sums
+
 
 def classification(label_key: str = "y") -> Task:
     """Softmax cross-entropy on integer labels; reports `accuracy`.
@@ -68,7 +80,7 @@ def classification(label_key: str = "y") -> Task:
         if lo < 0 or hi >= num_classes:
             raise UserError(
                 f"the model outputs {num_classes} classes but labels range over [{lo}, {hi}]; "
-                f"set the model's num_classes to at least {hi + 1}")
+                f"build the model with at least {hi + 1} outputs (config: model.num_outputs)")
 
     return Task("classification", loss, {"accuracy": accuracy}, label_key, check)
 

@@ -16,7 +16,6 @@ import math
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_sim.errors import UserError

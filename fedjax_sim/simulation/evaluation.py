@@ -24,12 +24,7 @@ PyTree = Any
 
 def _masked_sums(model: Model, task: Task, input_key: str, params, model_state, batch, mask):
     outputs, _ = model.apply(params, model_state, batch[input_key], train=False)
-    labels = batch[task.label_key]
-    w = mask.astype(jnp.float32)
-    sums = {"loss": jnp.sum(task.loss(outputs, labels) * w), "count": jnp.sum(w)}
-    for name, fn in task.metrics.items():
-        sums[name] = jnp.sum(fn(outputs, labels) * w)
-    return sums
+    return task.masked_sums(outputs, batch[task.label_key], mask)
 
 
 class CentralEvaluator:
@@ -101,10 +96,10 @@ class ClientEvaluator:
                         model, task, input_key, params, model_state,
                         {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool))))
                 sums, _ = jax.lax.scan(body, zero, jnp.arange(num_batches))
-                return jnp.float32(0), sums
+                return jnp.float32(0), jnp.float32(0), sums
 
-            _, sums = map_clients(one_client, jnp.arange(num_clients, dtype=jnp.int32),
-                                  clients_per_chunk)
+            _, _, sums = map_clients(one_client, jnp.arange(num_clients, dtype=jnp.int32),
+                                     clients_per_chunk)
             return sums
 
         self._evaluate = jax.jit(lambda p, s: evaluate(p, s, features, offsets, sizes_d))

@@ -309,9 +309,9 @@ class _progress_bar:
         if self._bar is None:
             return
         self._shown["loss"] = f"{row['train_loss']:.4f}"
-        for key in ("test_accuracy", "test_loss", "test_mse"):
+        for key, label in (("test_accuracy", "test_acc"), ("test_mse", "test_mse")):
             if key in row:
-                self._shown[key.replace("test_", "test_")] = f"{row[key]:.4f}"
+                self._shown[label] = f"{row[key]:.4f}"
         self._shown["rounds/s"] = f"{rounds_per_second:.1f}"
         self._bar.set_postfix(self._shown, refresh=False)
         self._bar.update(n)

@@ -1,0 +1,230 @@
+"""Seconds per round: the fedjax_sim engine vs a hand-written sequential loop vs the compute limit.
+
+    python benchmarks/engine.py            # all cases (~10 min on a 2-core CPU)
+    python benchmarks/engine.py --quick    # fewer repetitions, skips the 100-client CNN
+
+Cases (FedAvg, client SGD, 1 local epoch = 5 steps per client):
+  (a) logistic regression, 64 features, 10 classes; 100 clients x 50 examples; 50 clients
+      per round, batch 10;
+  (b) the EMNIST CNN (1.2 M params) on 28x28x1 inputs; clients of 100 examples; 10 and 100
+      clients per round, batch 20.
+Compared side by side in this one process:
+  engine            fedjax_sim's RoundProgram with the automatic strategy choices
+  loop/step         a Python loop over clients, one jitted call per local step (FedJAX style)
+  loop/client       a Python loop over clients, one jitted lax.scan per client
+  central           one model, one jit, the same examples per round as m*B-example batches
+                    (the compute limit: no federated overhead at all)
+The CNN loops use flax's standard (XLA) convolution, as a user would write; the CNN
+central row takes the faster of the XLA and im2col convolutions. Timings are medians
+after warm-up; compile times are reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.algorithms import Problem, fedavg
+from fedjax_sim.data import FederatedData
+from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
+from fedjax_sim.models import classification, get_model
+from fedjax_sim.simulation import EngineOptions, resolve_engine
+from fedjax_sim.simulation.loop import has_convolution
+
+LR = 0.05
+IMPL = None
+
+
+def make_data(num_clients, per_client, shape, seed=0) -> FederatedData:
+    rng = np.random.default_rng(seed)
+    n = num_clients * per_client
+    x = rng.normal(size=(n, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    return FederatedData({"x": x, "y": y}, np.arange(num_clients + 1) * per_client,
+                         tuple(str(i) for i in range(num_clients)))
+
+
+def timed(fn, reps):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_engine(model, data, m, batch, reps, options=EngineOptions()):
+    params, mstate = model.init(jax.random.key(0))
+    schedule = make_schedule(data.max_client_size, batch_size=batch, local_epochs=1, local_steps=None)
+    example = jnp.asarray(data.features["x"][:2])
+    choice = resolve_engine(options, backend=jax.default_backend(),
+                            conv=has_convolution(model, params, mstate, example),
+                            num_steps=schedule.num_steps, clients_per_round=m)
+    program = RoundProgram(fedavg(optax.sgd(LR), batch_size=batch), Problem(model, classification(), mstate, "x"),
+                           weighted_mean(), schedule, num_clients=data.num_clients,
+                           max_client_size=data.max_client_size, clients_per_round=m,
+                           clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"])
+    dd = DeviceData.from_federated(data)
+    root = jax.random.key(1, impl=IMPL)
+    state = program.init(params)
+    k = choice["rounds_per_call"]
+    t0 = time.perf_counter()
+    run = program.compile(state, dd, mstate, root, k)
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state, "r": 0}
+
+    def call():
+        holder["state"], metrics = run(holder["state"], dd, mstate, root, holder["r"], k)
+        holder["r"] += k
+        return metrics
+
+    call()  # warm-up
+    per_round = timed(call, reps) / k
+    return per_round, compile_s, choice
+
+
+def _loss_fn(model, mstate):
+    def loss(params, x, y, key):
+        out, _ = model.apply(params, mstate, x, train=True, rng=key)
+        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+    return loss
+
+
+def make_loops(model, data, m, batch):
+    """The two hand-written sequential baselines; each returns a one-round callable.
+
+    Written as a careful user would: batches cut on the host with numpy (as FedJAX
+    does), PRNG keys made once, one jitted step (or one jitted scan per client), and a
+    jitted weighted average of the stacked client models.
+    """
+    params, mstate = model.init(jax.random.key(0))
+    loss = _loss_fn(model, mstate)
+    sizes = data.client_sizes
+    clients = [data.client(i) for i in range(data.num_clients)]
+    steps = int(np.ceil(sizes.max() / batch))
+    keys = [jax.random.key(s) for s in range(steps)]
+
+    @jax.jit
+    def sgd_step(p, x, y, key):
+        g = jax.grad(loss)(p, x, y, key)
+        return jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+
+    @jax.jit
+    def client_scan(p, x, y, key):
+        def body(p, i):
+            g = jax.grad(loss)(p, x[i], y[i], jax.random.fold_in(key, i))
+            return jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g), None
+        return jax.lax.scan(body, p, jnp.arange(x.shape[0]))[0]
+
+    @jax.jit
+    def average(stacked, weights):
+        w = weights / weights.sum()
+        return jax.tree_util.tree_map(lambda s: jnp.tensordot(w, s, axes=1), stacked)
+
+    rng = np.random.default_rng(0)
+    state = {"params": params}
+
+    def plan():
+        cohort = rng.choice(data.num_clients, m, replace=False)
+        batches = []
+        for c in cohort:
+            idx = rng.permutation(sizes[c])[:steps * batch].reshape(steps, batch)
+            batches.append((clients[c]["x"][idx], clients[c]["y"][idx]))
+        return cohort, batches
+
+    def finish(cohort, new):
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *new)
+        state["params"] = average(stacked, jnp.asarray(sizes[cohort], jnp.float32))
+        return state["params"]
+
+    def per_step_round():
+        cohort, batches = plan()
+        new = []
+        for x, y in batches:
+            p = state["params"]
+            for s in range(steps):
+                p = sgd_step(p, x[s], y[s], keys[s])
+            new.append(p)
+        return finish(cohort, new)
+
+    def per_client_round():
+        cohort, batches = plan()
+        new = [client_scan(state["params"], x, y, keys[0]) for x, y in batches]
+        return finish(cohort, new)
+
+    return per_step_round, per_client_round
+
+
+def make_central(model, data, examples_per_step, steps):
+    params, mstate = model.init(jax.random.key(0))
+    loss = _loss_fn(model, mstate)
+    x = jnp.asarray(data.features["x"][:examples_per_step * steps]).reshape(steps, examples_per_step, *data.features["x"].shape[1:])
+    y = jnp.asarray(data.features["y"][:examples_per_step * steps]).reshape(steps, examples_per_step)
+
+    @jax.jit
+    def train(p, x, y):
+        for s in range(steps):  # unrolled: the fastest form on every backend measured
+            g = jax.grad(loss)(p, x[s], y[s], jax.random.key(s))
+            p = jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+        return p
+
+    state = {"p": params}
+
+    def step():
+        state["p"] = train(state["p"], x, y)
+        return state["p"]
+
+    return step
+
+
+def case(name, model_fn, data, m, batch, reps, loop_reps, rows):
+    print(f"\n== {name}: {m} clients/round, batch {batch}, 5 local steps", flush=True)
+    model = model_fn("auto")
+    eng, comp, choice = bench_engine(model, data, m, batch, reps)
+    print(f"engine            {eng * 1e3:9.2f} ms/round   (compile {comp:.1f} s; {choice})", flush=True)
+    user_model = model_fn("xla")
+    per_step, per_client = make_loops(user_model, data, m, batch)
+    per_step(); per_client()
+    t_step = timed(per_step, loop_reps)
+    print(f"loop/step         {t_step * 1e3:9.2f} ms/round   engine speed-up x{t_step / eng:.1f}", flush=True)
+    t_client = timed(per_client, loop_reps)
+    print(f"loop/client       {t_client * 1e3:9.2f} ms/round   engine speed-up x{t_client / eng:.1f}", flush=True)
+    central = []
+    for impl in ("auto", "xla"):
+        fn = make_central(model_fn(impl), data, m * batch, 5)
+        fn()
+        central.append(timed(fn, reps))
+    t_central = min(central)
+    print(f"central           {t_central * 1e3:9.2f} ms/round   engine / central = {eng / t_central:.2f}", flush=True)
+    rows.append((name, m, eng, t_step, t_client, t_central, comp))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    reps = 5 if args.quick else 20
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    rows = []
+    logreg = lambda impl: get_model("logistic_regression", (64,), 10)
+    case("(a) logistic regression", logreg, make_data(100, 50, (64,)), 50, 10, reps * 10, reps * 2, rows)
+    cnn = lambda impl: get_model("cnn", (28, 28, 1), 10, conv_impl="matmul" if impl == "auto" and jax.default_backend() == "cpu" else ("xla" if impl == "xla" else "auto"))
+    cnn_data = make_data(200, 100, (28, 28, 1))
+    case("(b) EMNIST CNN", cnn, cnn_data, 10, 20, reps, 3, rows)
+    if not args.quick:
+        case("(b) EMNIST CNN", cnn, cnn_data, 100, 20, 3, 2, rows)
+    print("\n| case | clients/round | engine s/round | loop/step s/round | loop/client s/round | central s/round | engine speed-up vs loop/step | vs loop/client | engine / central | engine compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, m, eng, ts, tc, tcen, comp in rows:
+        print(f"| {name} | {m} | {eng:.4f} | {ts:.4f} | {tc:.4f} | {tcen:.4f} | {ts / eng:.1f}x | {tc / eng:.1f}x | {eng / tcen:.2f} | {comp:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Every shipped config, run in full, reaches the result its docstring states.
+
+Marked slow (about 2 minutes on a 2-core CPU): run with `pytest -m slow`.
+"""
+
+import os
+import re
+
+import pytest
+
+from fedjax_sim.cli.config import load_config
+from fedjax_sim.cli.experiment import run
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _claims():
+    for name in sorted(os.listdir(CONFIGS)):
+        if name.endswith(".py"):
+            text = open(os.path.join(CONFIGS, name)).read()
+            m = re.search(r"Reaches test (accuracy|MSE) ([0-9.]+)", text)
+            assert m, f"{name} docstring states no result"
+            yield name, m.group(1), float(m.group(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,metric,value", list(_claims()))
+def test_config_reaches_documented_result(name, metric, value):
+    result = run(load_config(os.path.join(CONFIGS, name)), None, progress=False)
+    final = result.summary["final"]
+    if metric == "accuracy":
+        assert final["test_accuracy"] == pytest.approx(value, abs=0.002)
+    else:
+        assert final["test_mse"] == pytest.approx(value, abs=0.002)
