@@ -2,6 +2,7 @@
 
     python benchmarks/engine.py            # all cases (~10 min on a 2-core CPU)
     python benchmarks/engine.py --quick    # fewer repetitions, skips the 100-client CNN
+    python benchmarks/engine.py --cases a  # only case (a); cases: a, b10, b100
 
 Cases (FedAvg, client SGD, 1 local epoch = 5 steps per client):
   (a) logistic regression, 64 features, 10 classes; 100 clients x 50 examples; 50 clients
@@ -36,7 +37,7 @@ from fedjax_sim.data import FederatedData
 from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
 from fedjax_sim.models import classification, get_model
 from fedjax_sim.simulation import EngineOptions, resolve_engine
-from fedjax_sim.simulation.loop import has_convolution
+from fedjax_sim.simulation.loop import client_step_flops, has_convolution
 
 LR = 0.05
 IMPL = None
@@ -64,29 +65,35 @@ def bench_engine(model, data, m, batch, reps, options=EngineOptions()):
     params, mstate = model.init(jax.random.key(0))
     schedule = make_schedule(data.max_client_size, batch_size=batch, local_epochs=1, local_steps=None)
     example = jnp.asarray(data.features["x"][:2])
+    problem = Problem(model, classification(), mstate, "x")
+    flops = client_step_flops(problem, params, {k: jnp.asarray(v[:batch]) for k, v in data.features.items()})
     choice = resolve_engine(options, backend=jax.default_backend(),
                             conv=has_convolution(model, params, mstate, example),
-                            num_steps=schedule.num_steps, clients_per_round=m)
-    program = RoundProgram(fedavg(optax.sgd(LR), batch_size=batch), Problem(model, classification(), mstate, "x"),
+                            num_steps=schedule.num_steps, clients_per_round=m, step_flops=flops)
+    program = RoundProgram(fedavg(optax.sgd(LR), batch_size=batch), problem,
                            weighted_mean(), schedule, num_clients=data.num_clients,
                            max_client_size=data.max_client_size, clients_per_round=m,
                            clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"])
     dd = DeviceData.from_federated(data)
     root = jax.random.key(1, impl=IMPL)
     state = program.init(params)
-    k = choice["rounds_per_call"]
+    max_k = choice["rounds_per_call"]
     t0 = time.perf_counter()
-    run = program.compile(state, dd, mstate, root, k)
+    run = program.compile(state, dd, mstate, root, max_k)
     compile_s = time.perf_counter() - t0
-    holder = {"state": state, "r": 0}
+    holder = {"state": state, "r": 0, "k": 1}
 
     def call():
+        k = holder["k"]
         holder["state"], metrics = run(holder["state"], dd, mstate, root, holder["r"], k)
         holder["r"] += k
         return metrics
 
     call()  # warm-up
-    per_round = timed(call, reps) / k
+    one = timed(call, 2)
+    # As simulate() does: fuse about a second's worth of rounds per call.
+    holder["k"] = max(1, min(max_k, int(1.0 / one)))
+    per_round = timed(call, reps) / holder["k"]
     return per_round, compile_s, choice
 
 
@@ -184,18 +191,24 @@ def make_central(model, data, examples_per_step, steps):
     return step
 
 
-def case(name, model_fn, data, m, batch, reps, loop_reps, rows):
+def case(name, model_fn, data, m, batch, reps, loop_reps, rows, per_client_loop=True):
     print(f"\n== {name}: {m} clients/round, batch {batch}, 5 local steps", flush=True)
     model = model_fn("auto")
     eng, comp, choice = bench_engine(model, data, m, batch, reps)
     print(f"engine            {eng * 1e3:9.2f} ms/round   (compile {comp:.1f} s; {choice})", flush=True)
     user_model = model_fn("xla")
     per_step, per_client = make_loops(user_model, data, m, batch)
-    per_step(); per_client()
+    per_step()
+    if per_client_loop:
+        per_client()
     t_step = timed(per_step, loop_reps)
     print(f"loop/step         {t_step * 1e3:9.2f} ms/round   engine speed-up x{t_step / eng:.1f}", flush=True)
-    t_client = timed(per_client, loop_reps)
-    print(f"loop/client       {t_client * 1e3:9.2f} ms/round   engine speed-up x{t_client / eng:.1f}", flush=True)
+    if per_client_loop:
+        t_client = timed(per_client, loop_reps)
+        print(f"loop/client       {t_client * 1e3:9.2f} ms/round   engine speed-up x{t_client / eng:.1f}", flush=True)
+    else:
+        t_client = float("nan")
+        print("loop/client       skipped (an XLA convolution inside a scan: ~12x loop/step)", flush=True)
     central = []
     for impl in ("auto", "xla"):
         fn = make_central(model_fn(impl), data, m * batch, 5)
@@ -209,17 +222,21 @@ def case(name, model_fn, data, m, batch, reps, loop_reps, rows):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cases", default="a,b10,b100", help="comma-separated: a, b10, b100")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     reps = 5 if args.quick else 20
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     rows = []
     logreg = lambda impl: get_model("logistic_regression", (64,), 10)
-    case("(a) logistic regression", logreg, make_data(100, 50, (64,)), 50, 10, reps * 10, reps * 2, rows)
+    if "a" in cases:
+        case("(a) logistic regression", logreg, make_data(100, 50, (64,)), 50, 10, reps * 10, reps * 2, rows)
     cnn = lambda impl: get_model("cnn", (28, 28, 1), 10, conv_impl="matmul" if impl == "auto" and jax.default_backend() == "cpu" else ("xla" if impl == "xla" else "auto"))
     cnn_data = make_data(200, 100, (28, 28, 1))
-    case("(b) EMNIST CNN", cnn, cnn_data, 10, 20, reps, 3, rows)
-    if not args.quick:
-        case("(b) EMNIST CNN", cnn, cnn_data, 100, 20, 3, 2, rows)
+    if "b10" in cases:
+        case("(b) EMNIST CNN", cnn, cnn_data, 10, 20, reps, 3, rows)
+    if "b100" in cases and not args.quick:
+        case("(b) EMNIST CNN", cnn, cnn_data, 100, 20, 3, 2, rows, per_client_loop=False)
     print("\n| case | clients/round | engine s/round | loop/step s/round | loop/client s/round | central s/round | engine speed-up vs loop/step | vs loop/client | engine / central | engine compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, m, eng, ts, tc, tcen, comp in rows:

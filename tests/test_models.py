@@ -102,3 +102,11 @@ def test_unknown_model_and_bad_options_are_user_errors():
         get_model("mlp", (8,), 10, widths=3)
     with pytest.raises(fs.UserError, match="conv_impl"):
         get_model("cnn", (28, 28, 1), 10, conv_impl="fft")
+
+
+def test_accuracy_equals_argmax_including_ties():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many ties
+    labels = rng.integers(0, 4, size=500)
+    acc = fs.models.classification().metrics["accuracy"](jnp.asarray(logits), jnp.asarray(labels))
+    np.testing.assert_array_equal(np.asarray(acc), (logits.argmax(1) == labels).astype(np.float32))

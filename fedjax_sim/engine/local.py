@@ -51,7 +51,7 @@ class LocalData:
         def body(state, s):
             carry, sums = state
             rows = self._offset + self._idx[s]
-            batch = {k: v[rows] for k, v in self._data.items()}
+            batch = {k: jnp.take(v, rows, axis=0, mode="clip") for k, v in self._data.items()}
             mask = self._mask[s]
             new_carry, metrics = step(carry, batch, mask, jax.random.fold_in(key, s))
             live = jnp.any(mask)
