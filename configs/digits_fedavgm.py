@@ -3,7 +3,7 @@
     fedjax-sim train --config configs/digits_fedavgm.py --workdir runs/digits_fedavgm
 
 Server SGD with lr 1 and momentum 0.9 on the averaged client delta.
-Reaches test accuracy 0.956 after 200 rounds (seed 0), in about 12 s on a 2-core CPU.
+Reaches test accuracy 0.969 after 200 rounds (seed 0), in about 13 s on a 2-core CPU.
 """
 
 import ml_collections
