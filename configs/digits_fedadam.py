@@ -3,27 +3,18 @@
     fedjax-sim train --config configs/digits_fedadam.py --workdir runs/digits_fedadam
 
 Client SGD (lr 0.1), server adam (lr 0.01, eps 1e-3 as in the paper) on the averaged
-client delta as a pseudo-gradient. Same data and model as digits_fedavg.py.
+client delta as a pseudo-gradient. Otherwise as digits_fedavg.py.
 Reaches test accuracy 0.964 after 200 rounds (seed 0), in about 12 s on a 2-core CPU.
 """
+
+import os
+import runpy
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.rounds = 200
-    c.clients_per_round = 10
-    c.eval_every = 20
-    c.task = "classification"
-    c.data = dict(source="digits", num_clients=100, partition="dirichlet",
-                  partition_args=dict(alpha=0.5), client_test_fraction=0.2, seed=0)
-    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[200, 200]))
-    c.algorithm = dict(
-        name="fedavg",
-        client_optimizer=dict(name="sgd", learning_rate=0.1, args={}),
-        server_optimizer=dict(name="adam", learning_rate=0.01, args=dict(b1=0.9, b2=0.99, eps=1e-3)),
-        local_epochs=1, local_steps=None, batch_size=10, weighting="num_examples")
-    c.engine = dict(clients_per_chunk="auto", unroll="auto", rounds_per_call="auto")
-    return ml_collections.ConfigDict(c)
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_fedavg.py")
+    c = runpy.run_path(base)["get_config"]()
+    c.algorithm.server_optimizer = dict(name="adam", learning_rate=0.01, args=dict(b1=0.9, b2=0.99, eps=1e-3))
+    return c

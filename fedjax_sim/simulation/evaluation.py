@@ -27,6 +27,13 @@ def _masked_sums(model: Model, task: Task, input_key: str, params, model_state, 
     return task.masked_sums(outputs, batch[task.label_key], mask)
 
 
+def _zero_sums(model: Model, task: Task, input_key: str, params, model_state, batch, mask):
+    """Float32 zeros shaped like `_masked_sums(...)`, to start an accumulation."""
+    shapes = jax.eval_shape(
+        lambda: _masked_sums(model, task, input_key, params, model_state, batch, mask))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+
 class CentralEvaluator:
     """Loss and metrics of a model on one pooled dataset (dict of arrays)."""
 
@@ -49,11 +56,8 @@ class CentralEvaluator:
                 sums = _masked_sums(model, task, input_key, params, model_state, batch, m)
                 return jax.tree_util.tree_map(jnp.add, acc, sums), None
 
-            zero = jax.tree_util.tree_map(
-                lambda s: jnp.zeros(s.shape, jnp.float32),
-                jax.eval_shape(lambda: _masked_sums(
-                    model, task, input_key, params, model_state,
-                    jax.tree_util.tree_map(lambda x: x[0], batches), mask[0])))
+            zero = _zero_sums(model, task, input_key, params, model_state,
+                              jax.tree_util.tree_map(lambda x: x[0], batches), mask[0])
             sums, _ = jax.lax.scan(body, zero, (batches, mask))
             count = jnp.maximum(sums.pop("count"), 1.0)
             return {k: v / count for k, v in sums.items()}
@@ -90,11 +94,8 @@ class ClientEvaluator:
                     sums = _masked_sums(model, task, input_key, params, model_state, batch, mask)
                     return jax.tree_util.tree_map(jnp.add, acc, sums), None
 
-                zero = jax.tree_util.tree_map(
-                    lambda s: jnp.zeros(s.shape, jnp.float32),
-                    jax.eval_shape(lambda: _masked_sums(
-                        model, task, input_key, params, model_state,
-                        {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool))))
+                zero = _zero_sums(model, task, input_key, params, model_state,
+                                  {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool))
                 sums, _ = jax.lax.scan(body, zero, jnp.arange(num_batches))
                 return jnp.float32(0), jnp.float32(0), sums
 
