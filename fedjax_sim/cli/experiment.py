@@ -72,7 +72,7 @@ def build_data(cfg: ml_collections.ConfigDict, seed: int):
             num_clients=_get(cfg, "num_clients", 30), seed=data_seed,
             iid=_get(cfg, "iid", False))
         test = {k: v for k, v in client_test.features.items()}
-        return train, test, client_test, {"target_stats": None}
+        return train, test, client_test, {}
     if source == "digits":
         train_arrays, test = fdata.load_digits(seed=data_seed)
     elif source == "diabetes":
@@ -142,13 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool =
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
-    result = simulate(**parts, workdir=workdir, progress=progress)
-    result.summary["data"] = {"num_clients": parts["train_data"].num_clients,
-                              "num_examples": parts["train_data"].num_examples,
-                              "max_client_size": parts["train_data"].max_client_size}
+    metadata = {}
     if info.get("target_stats"):
-        result.summary["data"]["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}
-    if workdir:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(result.summary, f, indent=2)
-    return result
+        metadata["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}
+    return simulate(**parts, workdir=workdir, progress=progress, metadata=metadata)

@@ -195,6 +195,7 @@ def simulate(
     workdir: str | None = None,
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
+    metadata: dict | None = None,
 ) -> Result:
     """Runs federated training and returns the final model and its history.
 
@@ -213,6 +214,8 @@ def simulate(
       engine: execution strategy (default: chosen by backend and model).
       workdir: if given, `metrics.jsonl` and `summary.json` are written there.
       callback: called with each round's metrics dict (after it is logged).
+      metadata: extra JSON-serialisable facts about the run, recorded in the summary's
+        `data` entry (e.g. how targets were standardised).
     """
     task = task or classification()
     aggregator = aggregator or weighted_mean()
@@ -223,7 +226,11 @@ def simulate(
 
     root = jax.random.key(seed)
     params, model_state = model.init(jax.random.fold_in(root, 0x1A17))
-    example_x = jnp.asarray(train_data.features[input_key][:2])
+    # One batch of real examples serves the shape check, the convolution check and the
+    # step cost estimate.
+    example_batch = {k: jnp.asarray(train_data.features[k][:schedule.batch_size])
+                     for k in (input_key, task.label_key)}
+    example_x = example_batch[input_key]
     try:
         out_shape = jax.eval_shape(lambda p: model.apply(p, model_state, example_x, train=False)[0],
                                    params).shape
@@ -235,8 +242,6 @@ def simulate(
 
     backend = jax.default_backend()
     problem = Problem(model, task, model_state, input_key)
-    example_batch = {k: jnp.asarray(train_data.features[k][:schedule.batch_size])
-                     for k in (input_key, task.label_key)}
     choice = resolve_engine(engine, backend=backend,
                             conv=has_convolution(model, params, model_state, example_x),
                             num_steps=schedule.num_steps, clients_per_round=clients_per_round,
@@ -309,6 +314,8 @@ def simulate(
         "num_params": model.num_params(params),
         "engine": {**choice, "backend": backend, "local_steps": schedule.num_steps,
                    "batch_size": schedule.batch_size},
+        "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
+                 "max_client_size": train_data.max_client_size, **(metadata or {})},
     }
     if workdir:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
