@@ -15,9 +15,11 @@ Compared side by side in this one process:
   loop/client       a Python loop over clients, one jitted lax.scan per client
   central           one model, one jit, the same examples per round as m*B-example batches
                     (the compute limit: no federated overhead at all)
-The CNN loops use flax's standard (XLA) convolution, as a user would write; the CNN
-central row takes the faster of the XLA and im2col convolutions. Timings are medians
-after warm-up; compile times are reported separately.
+The loops use flax's standard layers (XLA's convolution and dot), as a user would write;
+the central row takes the faster of those and the engine's CPU kernels (im2col
+convolutions, dense layers with explicit gradient transposes: models/conv.py, dense.py).
+All contenders are timed round-robin (one call of each in turn) and the medians compared,
+so drift in the machine's speed affects them alike; compile times are reported separately.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from fedjax_sim.simulation import EngineOptions, resolve_engine
 from fedjax_sim.simulation.loop import client_step_flops, has_convolution
 
 LR = 0.05
-IMPL = None
 
 
 def make_data(num_clients, per_client, shape, seed=0) -> FederatedData:
@@ -61,7 +62,8 @@ def timed(fn, reps):
     return statistics.median(times)
 
 
-def bench_engine(model, data, m, batch, reps, options=EngineOptions()):
+def make_engine(model, data, m, batch, options=EngineOptions()):
+    """The engine as simulate() runs it; returns (call, rounds per call, compile s, choice)."""
     params, mstate = model.init(jax.random.key(0))
     schedule = make_schedule(data.max_client_size, batch_size=batch, local_epochs=1, local_steps=None)
     example = jnp.asarray(data.features["x"][:2])
@@ -75,7 +77,7 @@ def bench_engine(model, data, m, batch, reps, options=EngineOptions()):
                            max_client_size=data.max_client_size, clients_per_round=m,
                            clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"])
     dd = DeviceData.from_federated(data)
-    root = jax.random.key(1, impl=IMPL)
+    root = jax.random.key(1)
     state = program.init(params)
     max_k = choice["rounds_per_call"]
     t0 = time.perf_counter()
@@ -93,8 +95,23 @@ def bench_engine(model, data, m, batch, reps, options=EngineOptions()):
     one = timed(call, 2)
     # As simulate() does: fuse about a second's worth of rounds per call.
     holder["k"] = max(1, min(max_k, int(1.0 / one)))
-    per_round = timed(call, reps) / holder["k"]
-    return per_round, compile_s, choice
+    return call, holder["k"], compile_s, choice
+
+
+def interleaved(contenders: dict, reps: int) -> dict:
+    """Median seconds per call of each callable, timed round-robin.
+
+    This machine's speed drifts by tens of percent within a minute (shared cores), so
+    timing one contender after another would fold that drift into the ratios; alternating
+    them exposes every contender to the same conditions.
+    """
+    times = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _loss_fn(model, mstate):
@@ -191,31 +208,30 @@ def make_central(model, data, examples_per_step, steps):
     return step
 
 
-def case(name, model_fn, data, m, batch, reps, loop_reps, rows, per_client_loop=True):
+def case(name, model_fn, data, m, batch, reps, rows, per_client_loop=True):
     print(f"\n== {name}: {m} clients/round, batch {batch}, 5 local steps", flush=True)
-    model = model_fn("auto")
-    eng, comp, choice = bench_engine(model, data, m, batch, reps)
-    print(f"engine            {eng * 1e3:9.2f} ms/round   (compile {comp:.1f} s; {choice})", flush=True)
-    user_model = model_fn("xla")
-    per_step, per_client = make_loops(user_model, data, m, batch)
-    per_step()
+    engine, k, comp, choice = make_engine(model_fn("auto"), data, m, batch)
+    print(f"engine compiled in {comp:.1f} s; {choice}; {k} rounds per call", flush=True)
+    per_step, per_client = make_loops(model_fn("xla"), data, m, batch)
+    contenders = {"engine": engine, "loop/step": per_step}
     if per_client_loop:
-        per_client()
-    t_step = timed(per_step, loop_reps)
+        contenders["loop/client"] = per_client
+    for impl in ("auto", "xla"):
+        contenders[f"central/{impl}"] = make_central(model_fn(impl), data, m * batch, 5)
+    for fn in contenders.values():
+        jax.block_until_ready(fn())  # compile and warm up
+    t = interleaved(contenders, reps)
+    eng = t["engine"] / k
+    t_step, t_client = t["loop/step"], t.get("loop/client", float("nan"))
+    t_central = min(t["central/auto"], t["central/xla"])
+    print(f"engine            {eng * 1e3:9.2f} ms/round", flush=True)
     print(f"loop/step         {t_step * 1e3:9.2f} ms/round   engine speed-up x{t_step / eng:.1f}", flush=True)
     if per_client_loop:
-        t_client = timed(per_client, loop_reps)
         print(f"loop/client       {t_client * 1e3:9.2f} ms/round   engine speed-up x{t_client / eng:.1f}", flush=True)
     else:
-        t_client = float("nan")
         print("loop/client       skipped (an XLA convolution inside a scan: ~12x loop/step)", flush=True)
-    central = []
-    for impl in ("auto", "xla"):
-        fn = make_central(model_fn(impl), data, m * batch, 5)
-        fn()
-        central.append(timed(fn, reps))
-    t_central = min(central)
-    print(f"central           {t_central * 1e3:9.2f} ms/round   engine / central = {eng / t_central:.2f}", flush=True)
+    print(f"central           {t_central * 1e3:9.2f} ms/round   engine / central = {eng / t_central:.2f}"
+          f"   (engine kernels {t['central/auto'] * 1e3:.2f}, XLA's {t['central/xla'] * 1e3:.2f})", flush=True)
     rows.append((name, m, eng, t_step, t_client, t_central, comp))
 
 
@@ -228,15 +244,15 @@ def main():
     reps = 5 if args.quick else 20
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
     rows = []
-    logreg = lambda impl: get_model("logistic_regression", (64,), 10)
+    logreg = lambda impl: get_model("logistic_regression", (64,), 10, dense_impl=impl)
     if "a" in cases:
-        case("(a) logistic regression", logreg, make_data(100, 50, (64,)), 50, 10, reps * 10, reps * 2, rows)
-    cnn = lambda impl: get_model("cnn", (28, 28, 1), 10, conv_impl="matmul" if impl == "auto" and jax.default_backend() == "cpu" else ("xla" if impl == "xla" else "auto"))
+        case("(a) logistic regression", logreg, make_data(100, 50, (64,)), 50, 10, reps * 5, rows)
+    cnn = lambda impl: get_model("cnn", (28, 28, 1), 10, conv_impl=impl, dense_impl=impl)
     cnn_data = make_data(200, 100, (28, 28, 1))
     if "b10" in cases:
-        case("(b) EMNIST CNN", cnn, cnn_data, 10, 20, reps, 3, rows)
+        case("(b) EMNIST CNN", cnn, cnn_data, 10, 20, 3, rows)
     if "b100" in cases and not args.quick:
-        case("(b) EMNIST CNN", cnn, cnn_data, 100, 20, 3, 2, rows, per_client_loop=False)
+        case("(b) EMNIST CNN", cnn, cnn_data, 100, 20, 2, rows, per_client_loop=False)
     print("\n| case | clients/round | engine s/round | loop/step s/round | loop/client s/round | central s/round | engine speed-up vs loop/step | vs loop/client | engine / central | engine compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, m, eng, ts, tc, tcen, comp in rows:

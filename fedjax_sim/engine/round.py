@@ -77,6 +77,26 @@ def client_randomness(clients_key: jax.Array, client_id: jax.Array, num_bits: in
     return k_train, k_agg, bits[2 * words:]
 
 
+# Above this many bytes, fused rounds draw their randomness round by round (see
+# RoundProgram._hoist_draws).
+HOISTED_DRAW_BYTES = 32 << 20
+
+
+class RoundDraws(NamedTuple):
+    """One round's randomness (or a stack of rounds', with a leading round axis).
+
+    `clients` holds client_randomness(k_clients, cid) for every cohort client when it was
+    drawn up front, as ([m] training keys, [m] aggregator keys, [m, words] shuffle words);
+    when it is None each client draws its own inside the cohort map, so memory stays
+    bounded by the chunk.
+    """
+
+    cohort: jax.Array  # [m] client ids
+    k_clients: jax.Array  # the round's client key
+    k_agg: jax.Array  # the aggregator's round key
+    clients: tuple | None = None
+
+
 class RoundProgram:
     """Compiles and runs rounds of `algorithm` on one dataset with a fixed cohort size."""
 
@@ -115,12 +135,19 @@ class RoundProgram:
 
     # -- inside the jit ---------------------------------------------------------------
     def _run_rounds(self, state, data, model_state, root, start, count, *, max_rounds):
-        shapes = jax.eval_shape(lambda s: self._round(s, data, model_state, root, start)[1], state)
+        if self._hoist_draws(max_rounds):
+            rounds = start + jnp.arange(max_rounds, dtype=jnp.int32)
+            draws = jax.vmap(lambda r: self._draw_round(root, r, per_client=True))(rounds)
+            drawn_for = lambda i: jax.tree_util.tree_map(lambda x: x[i], draws)
+        else:
+            drawn_for = lambda i: self._draw_round(root, start + i, per_client=False)
+        shapes = jax.eval_shape(
+            lambda s: self._round(s, data, model_state, drawn_for(0))[1], state)
         buffer = jax.tree_util.tree_map(lambda sd: jnp.zeros((max_rounds, *sd.shape), sd.dtype), shapes)
 
         def one(i, carry):
             state, buffer = carry
-            state, metrics = self._round(state, data, model_state, root, start + i)
+            state, metrics = self._round(state, data, model_state, drawn_for(i))
             buffer = jax.tree_util.tree_map(lambda b, m: b.at[i].set(m), buffer, metrics)
             return state, buffer
 
@@ -128,18 +155,41 @@ class RoundProgram:
             return one(0, (state, buffer))
         return jax.lax.fori_loop(0, count, one, (state, buffer))
 
-    def _round(self, state: SimState, data: DeviceData, model_state, root, r):
-        algorithm, aggregator = self.algorithm, self.aggregator
-        problem = self.problem._replace(model_state=model_state)
+    def _draw_round(self, root, r, *, per_client: bool) -> RoundDraws:
+        """Round r's cohort and keys, and with `per_client` every cohort client's draws."""
         k_sample, k_clients, k_agg = split_round_key(root, r)
-        num_bits = bits_needed(self.schedule, self.max_client_size)
         cohort = jax.random.choice(k_sample, self.num_clients, (self.clients_per_round,),
                                    replace=False).astype(jnp.int32)
+        clients = jax.vmap(self._client_draws, in_axes=(None, 0))(k_clients, cohort) if per_client else None
+        return RoundDraws(cohort, k_clients, k_agg, clients)
+
+    def _client_draws(self, k_clients, cid):
+        return client_randomness(k_clients, cid, bits_needed(self.schedule, self.max_client_size))
+
+    def _hoist_draws(self, max_rounds: int) -> bool:
+        """Whether a call draws the randomness of all its rounds up front, in one batch.
+
+        On XLA:CPU every PRNG call is a rolled loop with a fixed cost of ~0.1 ms, and a
+        round makes several; drawing all fused rounds at once pays that once per call. The
+        values are those `_draw_round` gives round by round (threefry is exact under vmap),
+        so only speed depends on this. Draws that would take more than HOISTED_DRAW_BYTES
+        are made round by round inside the loop instead.
+        """
+        num_bits = bits_needed(self.schedule, self.max_client_size)
+        size = max_rounds * self.clients_per_round * (num_bits + 16) * 4
+        return max_rounds > 1 and size <= HOISTED_DRAW_BYTES
+
+    def _round(self, state: SimState, data: DeviceData, model_state, drawn: "RoundDraws"):
+        algorithm, aggregator = self.algorithm, self.aggregator
+        problem = self.problem._replace(model_state=model_state)
+        cohort = drawn.cohort
         broadcast = algorithm.broadcast(state.server)
 
-        def client(cid):
+        def client(per_client):
+            cid, drawn_for_client = per_client
+            k_train, k_agg_client, bits = (drawn_for_client if drawn_for_client is not None
+                                           else self._client_draws(drawn.k_clients, cid))
             n = data.sizes[cid]
-            k_train, k_agg_client, bits = client_randomness(k_clients, cid, num_bits)
             idx, mask = client_batches(self.schedule, bits, n, self.max_client_size)
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll)
             out = algorithm.client_update(problem, broadcast, local, k_train)
@@ -147,9 +197,9 @@ class RoundProgram:
             return algorithm.client_weight(n), delta, (out.metrics, agg_metrics)
 
         total, denominator, (train_sums, client_agg) = map_clients(
-            client, cohort, self.clients_per_chunk)
+            client, (cohort, drawn.clients), self.clients_per_chunk)
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
-            total, denominator, state.aggregator, k_agg)
+            total, denominator, state.aggregator, drawn.k_agg)
         server = algorithm.server_update(state.server, divide(total, denominator))
 
         # Training metrics are means over every example processed by the cohort this round;
