@@ -238,9 +238,9 @@ def test_chain_of_aggregator_parts_equals_parts_applied_by_hand():
 
 
 def test_shuffle_is_a_uniform_permutation_for_rank_and_sort_paths():
-    """Both permutation algorithms give permutations of the real slots, uniform over
-    positions (chi-square bound), with padding last; and they agree on the same keys."""
-    from fedjax_sim.engine.batching import RANK_MAX_SLOTS, _permutation, _shuffle
+    """Both rank algorithms give permutations of the real slots, uniform over positions
+    (chi-square bound), with padding last; and both equal numpy's stable ranks."""
+    from fedjax_sim.engine.batching import RANK_MAX_SLOTS, _ranks, _shuffle
 
     n, trials = 9, 4000
     for length in (12, RANK_MAX_SLOTS + 5):
@@ -255,6 +255,7 @@ def test_shuffle_is_a_uniform_permutation_for_rank_and_sort_paths():
         chi2 = ((counts - expected) ** 2 / expected).sum()
         dof = (n - 1) ** 2
         assert chi2 < dof + 5 * np.sqrt(2 * dof), chi2  # 5 sigma: fails on a biased shuffle
-    keys = np.asarray(jax.random.bits(jax.random.key(0), (40,), jnp.uint32)) % 7  # many ties
-    np.testing.assert_array_equal(np.asarray(_permutation(jnp.asarray(keys))),
-                                  np.argsort(keys, kind="stable"))
+    for length in (40, RANK_MAX_SLOTS + 5):
+        keys = np.asarray(jax.random.bits(jax.random.key(0), (length,), jnp.uint32)) % 7  # ties
+        np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(keys))),
+                                      np.argsort(np.argsort(keys, kind="stable"), kind="stable"))

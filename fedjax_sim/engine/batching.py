@@ -58,9 +58,9 @@ def make_schedule(max_client_size: int, *, batch_size: int | None,
     return Schedule(b, steps, local_epochs, local_steps)
 
 
-# Up to this many slots a permutation is computed by counting comparisons (two fused
-# O(L^2) reductions), which on XLA:CPU is several times faster than its comparator sort;
-# longer ones use argsort.
+# Up to this many slots ranks are computed by counting comparisons (one fused O(L^2)
+# reduction), which on XLA:CPU is several times faster than its comparator sort; longer
+# key vectors use argsort.
 RANK_MAX_SLOTS = 128
 
 
@@ -71,28 +71,30 @@ def bits_needed(schedule: Schedule, max_client_size: int) -> int:
     return max_client_size + schedule.num_steps * schedule.batch_size
 
 
-def _permutation(sort_keys: jax.Array) -> jax.Array:
-    """Indices that sort `sort_keys` (uint32, distinct ties broken by position)."""
+def _ranks(sort_keys: jax.Array) -> jax.Array:
+    """Each element's position in the stable ascending order of `sort_keys` (uint32)."""
     length = sort_keys.shape[-1]
-    if length > RANK_MAX_SLOTS:
-        return jnp.argsort(sort_keys, stable=True).astype(jnp.int32)
     pos = jnp.arange(length, dtype=jnp.int32)
+    if length > RANK_MAX_SLOTS:
+        order = jnp.argsort(sort_keys, stable=True).astype(jnp.int32)
+        return jnp.zeros(length, jnp.int32).at[order].set(pos)
     k_i, k_j = sort_keys[:, None], sort_keys[None, :]
     before = (k_j < k_i) | ((k_j == k_i) & (pos[None, :] < pos[:, None]))
-    rank = jnp.sum(before, axis=1, dtype=jnp.int32)  # final position of element i
-    return jnp.sum(jnp.where(rank[None, :] == pos[:, None], pos[None, :], 0), axis=1,
-                   dtype=jnp.int32)
+    return jnp.sum(before, axis=1, dtype=jnp.int32)
 
 
 def _shuffle(bits: jax.Array, n: jax.Array, length: int) -> jax.Array:
-    """A uniformly random permutation of [0, n) in the first n of `length` slots.
+    """A uniformly random permutation of [0, n) in the first n of `length` slots; slot
+    s >= n holds s.
 
-    Sort keys are 31 random bits for the n real slots and 2^31 + position for the rest,
-    so padding always sorts last, in order.
+    The sort keys are 31 random bits for the n real slots and 2^31 + position for the
+    rest, so padding ranks last, in order. The ranks of i.i.d. keys are the inverse of a
+    uniformly random permutation, hence uniformly random themselves; using them directly
+    saves the inversion.
     """
     pos = jnp.arange(length, dtype=jnp.uint32)
     keys = jnp.where(pos < n.astype(jnp.uint32), bits >> 1, jnp.uint32(1 << 31) + pos)
-    return _permutation(keys)
+    return _ranks(keys)
 
 
 def client_batches(schedule: Schedule, bits: jax.Array, n: jax.Array,
