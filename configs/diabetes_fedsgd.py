@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "regression"
     c.data = dict(source="diabetes", num_clients=10, partition="iid", partition_args={},
                   client_test_fraction=0.0, seed=0)
-    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[10]))
+    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[10], dense_impl="auto"))
     c.algorithm = dict(
         name="fedavg",
         client_optimizer=dict(name="sgd", learning_rate=1.0, args={}),

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "classification"
     c.data = dict(source="digits", num_clients=100, partition="dirichlet",
                   partition_args=dict(alpha=0.5), client_test_fraction=0.2, seed=0)
-    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[200, 200]))
+    c.model = dict(name="mlp", num_outputs=None, args=dict(hidden=[200, 200], dense_impl="auto"))
     c.algorithm = dict(
         name="fedavg",
         client_optimizer=dict(name="sgd", learning_rate=0.1, args={}),

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 20
     c.task = "classification"
     c.data = dict(source="synthetic", alpha=1.0, beta=1.0, iid=False, num_clients=30, seed=0)
-    c.model = dict(name="logistic_regression", num_outputs=None, args={})
+    c.model = dict(name="logistic_regression", num_outputs=None, args=dict(dense_impl="auto"))
     c.algorithm = dict(
         name="fedavg",
         client_optimizer=dict(name="sgd", learning_rate=0.01, args={}),

@@ -87,4 +87,5 @@ def dense_function(impl: str = "auto"):
         return explicit_transpose_dot_general
     if impl == "xla":
         return lax.dot_general
-    raise UserError(f"dense_impl must be 'auto', 'explicit_transpose' or 'xla', got {impl!r}")
+    raise UserError(f"dense_impl must be 'auto', 'explicit_transpose' or 'xla', got {impl!r} "
+                    "(config: model.args.dense_impl)")
