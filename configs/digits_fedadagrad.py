@@ -4,7 +4,7 @@
 
 Client SGD (lr 0.1), server adagrad (lr 0.03, eps 1e-3 as in the paper) on the averaged
 client delta as a pseudo-gradient. Otherwise as digits_fedavg.py.
-Reaches test accuracy 0.942 after 200 rounds (seed 0), in about 13 s on a 2-core CPU.
+Reaches test accuracy 0.950 after 200 rounds (seed 0), in about 13 s on a 2-core CPU.
 """
 
 import os

@@ -5,7 +5,7 @@
 An MLP (200-200) trained with client SGD (lr 0.1, 1 local epoch, batch 10) and server
 SGD at lr 1 (plain FedAvg). Each client holds out 20% of its examples for per-client
 evaluation; `test_*` is the pooled digits test split (360 images).
-Reaches test accuracy 0.947 after 200 rounds (seed 0), in about 11 s on a 2-core CPU.
+Reaches test accuracy 0.950 after 200 rounds (seed 0), in about 11 s on a 2-core CPU.
 """
 
 import ml_collections

@@ -4,7 +4,7 @@
 
 Server SGD with lr 1 and momentum 0.9 on the averaged client delta; client SGD lr 0.03.
 Otherwise as digits_fedavg.py.
-Reaches test accuracy 0.969 after 200 rounds (seed 0), in about 13 s on a 2-core CPU.
+Reaches test accuracy 0.958 after 200 rounds (seed 0), in about 13 s on a 2-core CPU.
 """
 
 import os
