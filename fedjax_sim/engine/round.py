@@ -176,6 +176,7 @@ class RoundProgram:
         are made round by round inside the loop instead.
         """
         num_bits = bits_needed(self.schedule, self.max_client_size)
+        # uint32 words per client: its shuffle words, plus at most 16 for its id and keys
         size = max_rounds * self.clients_per_round * (num_bits + 16) * 4
         return max_rounds > 1 and size <= HOISTED_DRAW_BYTES
 

@@ -62,7 +62,7 @@ def explicit_transpose_dot_general(lhs, rhs, dimension_numbers, precision=None,
                                    preferred_element_type=None, **kwargs):
     """Drop-in for `lax.dot_general`; dense-layer matmuls get the fast gradient (module doc)."""
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    dense = (rhs.ndim == 2 and not lhs_batch and not rhs_batch and lhs.ndim >= 1
+    dense = (rhs.ndim == 2 and not lhs_batch and not rhs_batch
              and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
              and precision is None and set(kwargs) <= {"out_sharding"}
              and kwargs.get("out_sharding") is None
