@@ -49,10 +49,12 @@ def test_cnn_matmul_and_xla_implementations_agree():
     np.testing.assert_allclose(out_a, out_b, atol=1e-4)
 
 
-@pytest.mark.parametrize("lhs_shape,out", [((7, 5), 3), ((2, 4, 6), 3), ((40, 2000), 50)])
+@pytest.mark.parametrize("lhs_shape,out", [((7, 5), 3), ((2, 4, 6), 3), ((50, 6), 4), ((40, 2000), 50)])
 def test_explicit_transpose_dense_matches_numpy_matmul_and_gradients(lhs_shape, out):
-    """Values and both gradients against numpy (x^T g, g W^T), for the explicit-copy path
-    and, in the last case (operands above TRANSPOSE_MAX_ELEMENTS), the folded one."""
+    """Values and both gradients against numpy (x^T g, g W^T) for every path of the weight
+    gradient: a sum of outer products (up to OUTER_PRODUCT_MAX_ROWS rows: the first two
+    cases), an explicit transposed copy (50 rows), and XLA's folded transpose (operands
+    above TRANSPOSE_MAX_ELEMENTS)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=lhs_shape).astype(np.float32)
     w = rng.normal(size=(lhs_shape[-1], out)).astype(np.float32)

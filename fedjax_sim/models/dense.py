@@ -11,7 +11,15 @@ went from 2.1 to 1.3 ms.
 
 The copy only pays off for small operands; for large ones (the EMNIST CNN's 9216 -> 128
 layer) the folded form is as fast or faster, so operands above TRANSPOSE_MAX_ELEMENTS are
-left to XLA. The values are those of the plain matmul up to float round-off.
+left to XLA.
+
+Client batches are short, and for a batch of at most OUTER_PRODUCT_MAX_ROWS rows the
+weight gradient skips the dot altogether: `dW = sum_r outer(x_r, g_r)`, written out row by
+row, is one elementwise fusion (with the optimizer update that follows it). Measured on
+XLA:CPU (2 cores, vmapped over clients): 23 us against 105 us with the copy and 180 us
+folded for 50 clients of 10 x (64 -> 10); 86 / 455 / 457 us for 10 clients of
+10 x (200 -> 200); 0.94 / 1.35 / 1.14 ms for one client of 20 x (9216 -> 128). At 64 rows
+the dot wins again. The values are those of the plain matmul up to float round-off.
 
 `explicit_transpose_dot_general` has the signature of `lax.dot_general`, so it plugs into
 `flax.nnx.Linear(..., dot_general=explicit_transpose_dot_general)`. Only the dense-layer
@@ -30,6 +38,8 @@ from fedjax_sim.errors import UserError
 
 # Per-client operand size up to which the gradient's transpose is made an explicit copy.
 TRANSPOSE_MAX_ELEMENTS = 1 << 16
+# Batches of up to this many rows get the weight gradient as a sum of outer products.
+OUTER_PRODUCT_MAX_ROWS = 32
 
 
 def _transposed(a: jax.Array) -> jax.Array:
@@ -47,11 +57,24 @@ def _matmul_fwd(x, w):
     return x @ w, (x, w)
 
 
+def _weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T g for x [rows, in], g [rows, out]."""
+    rows = x.shape[0]
+    if rows > OUTER_PRODUCT_MAX_ROWS:
+        return _transposed(x) @ g
+    # A few rows: sum the rows' outer products, one elementwise fusion with no dot at all.
+    dw = x[0, :, None] * g[0, None, :]
+    for r in range(1, rows):
+        dw = dw + x[r, :, None] * g[r, None, :]
+    return dw
+
+
 def _matmul_bwd(residuals, g):
     x, w = residuals
-    g = g.astype(jnp.promote_types(x.dtype, w.dtype))
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    g = g.astype(dtype)
     dx = (g @ _transposed(w)).astype(x.dtype)
-    dw = (_transposed(x) @ g).astype(w.dtype)
+    dw = _weight_gradient(x.astype(dtype), g).astype(w.dtype)
     return dx, dw
 
 
