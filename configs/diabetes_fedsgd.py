@@ -28,4 +28,6 @@ def get_config() -> ml_collections.ConfigDict:
         server_optimizer=dict(name="sgd", learning_rate=0.1, args=dict(momentum=0.9)),
         local_epochs=1, local_steps=None, batch_size=None, weighting="num_examples")
     c.engine = dict(clients_per_chunk="auto", unroll="auto", rounds_per_call="auto")
+    # Saved to <workdir>/checkpoints; re-running the command on that workdir resumes.
+    c.checkpoint = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
     return ml_collections.ConfigDict(c)

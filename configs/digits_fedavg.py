@@ -27,4 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
         server_optimizer=dict(name="sgd", learning_rate=1.0, args={}),
         local_epochs=1, local_steps=None, batch_size=10, weighting="num_examples")
     c.engine = dict(clients_per_chunk="auto", unroll="auto", rounds_per_call="auto")
+    # Saved to <workdir>/checkpoints; re-running the command on that workdir resumes.
+    c.checkpoint = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
     return ml_collections.ConfigDict(c)

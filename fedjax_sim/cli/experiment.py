@@ -10,6 +10,7 @@ Config layout (see configs/*.py):
     algorithm: name ('fedavg'), client_optimizer {name, learning_rate, args},
                server_optimizer {…}, local_epochs, local_steps, batch_size, weighting
     engine:    clients_per_chunk, unroll, rounds_per_call
+    checkpoint: every_rounds, every_seconds, max_to_keep (optional; CHECKPOINT_DEFAULTS)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from fedjax_sim.algorithms import fedavg
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import get_model, get_task
 from fedjax_sim.simulation import EngineOptions, simulate
+from fedjax_sim.simulation.checkpoint import CheckpointOptions
+
+# When a config has no `checkpoint` section.
+CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 
 DATA_SOURCES = ("digits", "diabetes", "synthetic")
 ALGORITHMS = ("fedavg",)
@@ -127,22 +132,31 @@ def build(config: ml_collections.ConfigDict) -> dict:
     if set(engine_cfg) - known:
         raise UserError(f"unknown engine option(s) {sorted(set(engine_cfg) - known)}; "
                         f"known: {sorted(known)}")
-    return dict(model=model, algorithm=algorithm, train_data=train, task=task,
+    checkpoint = CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **dict(_get(config, "checkpoint", {}) or {})})
+    return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
                 eval_data=test, client_eval_data=client_test,
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
                 eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),
                 info=info)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True):
-    """Builds and runs the experiment; writes config.json, metrics.jsonl, summary.json."""
+def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True,
+        allow_config_change: bool = False):
+    """Builds and runs the experiment; writes config.json, metrics.jsonl, summary.json,
+    params.npz and checkpoints into `workdir`, or resumes the run already there."""
     parts = build(config)
     info = parts.pop("info")
     if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise UserError(f"--workdir {workdir} exists and is not a directory; choose another path")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --workdir {workdir} ({e.strerror}); choose a writable "
+                            f"path") from None
     metadata = {}
     if info.get("target_stats"):
         metadata["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}
-    return simulate(**parts, workdir=workdir, progress=progress, metadata=metadata)
+    return simulate(**parts, workdir=workdir, progress=progress, metadata=metadata,
+                    config=json.loads(json.dumps(config.to_dict(), default=str)),
+                    allow_config_change=allow_config_change)

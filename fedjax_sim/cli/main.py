@@ -2,6 +2,8 @@
 
     fedjax-sim train --config configs/digits_fedavg.py [--config.KEY=VALUE ...] --workdir DIR
 
+Re-running the same command on the same --workdir resumes from the last checkpoint there.
+
 User mistakes print one line (`error: ...`) and exit with status 2; `--debug` shows the
 full traceback instead.
 """
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="path to a config .py with get_config()")
     train.add_argument("--workdir", default=None,
                        help="directory for config.json, metrics.jsonl and summary.json")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume the run in --workdir even though the config differs from "
+                            "the one it was started with")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
@@ -53,7 +58,8 @@ def _train(args, overrides) -> int:
     from fedjax_sim.cli.experiment import run
 
     config = load_config(args.config, overrides)
-    result = run(config, args.workdir, progress=not args.no_progress)
+    result = run(config, args.workdir, progress=not args.no_progress,
+                 allow_config_change=args.allow_config_change)
     summary = result.summary
     final = ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()
                       if k in ("test_accuracy", "test_loss", "test_mse", "client_test_accuracy_mean",
@@ -61,7 +67,7 @@ def _train(args, overrides) -> int:
     print(f"done: {summary['rounds']} rounds, {summary['seconds_per_round'] * 1e3:.1f} ms/round "
           f"(+{summary['compile_seconds']:.1f} s compile); {final}")
     if args.workdir:
-        print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json")
+        print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz, checkpoints/")
     else:
         print(json.dumps(summary["final"]))
     return 0

@@ -211,4 +211,9 @@ class RoundProgram:
         metrics["cohort_examples"] = jnp.sum(data.sizes[cohort])
         metrics.update({k: jnp.mean(v) for k, v in client_agg.items()})
         metrics.update(agg_metrics)
+        # For the host's divergence guard (not logged): are the new global parameters finite?
+        leaves = [x for x in jax.tree_util.tree_leaves(algorithm.params(server))
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        metrics["_params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) \
+            if leaves else jnp.bool_(True)
         return SimState(server, agg_state), metrics

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -26,6 +27,9 @@ from fedjax_sim.engine.round import DeviceData, RoundProgram
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task, classification
+from fedjax_sim.simulation.checkpoint import (CheckpointOptions, RunCheckpoints, checksum,
+                                              config_differences, export_params, from_host,
+                                              to_host, tree_spec)
 from fedjax_sim.simulation.evaluation import CentralEvaluator, ClientEvaluator, summarize_clients
 
 PyTree = Any
@@ -140,6 +144,10 @@ class Result:
     params / model_state: the final global model; server_state: the algorithm's full
     server state; history: one dict per round (what metrics.jsonl holds); summary:
     final evaluation, timings and engine choices.
+
+    `save(path)` writes it to a directory (orbax arrays + JSON) and `Result.load(path)` reads
+    it back; `export_params(path)` writes the final parameters to a plain `.npz` file for use
+    outside fedjax_sim (`fedjax_sim.load_params` or `numpy.load` reads it).
     """
 
     params: PyTree
@@ -147,6 +155,56 @@ class Result:
     server_state: PyTree
     history: list[dict]
     summary: dict
+
+    def save(self, path: str) -> None:
+        """Writes the result to directory `path` (which must not exist yet)."""
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            raise UserError(f"{path} already exists; Result.save writes a new directory")
+        arrays = to_host({"params": self.params, "model_state": self.model_state,
+                          "server_state": self.server_state})
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(path, "arrays"), arrays)
+            ckpt.wait_until_finished()
+        with open(os.path.join(path, "result.json"), "w") as f:
+            json.dump({"format": "fedjax_sim.result", "format_version": 1,
+                       "history": self.history, "summary": self.summary}, f)
+
+    @classmethod
+    def load(cls, path: str, template: "Result | None" = None) -> "Result":
+        """Reads a saved result. Arrays come back as nested dicts and lists of arrays
+        (NamedTuples as dicts, PRNG keys as key data), or, given a `template` result of the
+        same run (e.g. from `simulate(..., rounds=1)`), with the template's exact types."""
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(path)
+        meta_path = os.path.join(path, "result.json")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"{path} is not a saved Result (no result.json); save one with "
+                            f"Result.save(path)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with ocp.StandardCheckpointer() as ckpt:
+            if template is None:
+                arrays = ckpt.restore(os.path.join(path, "arrays"))
+            else:
+                target = to_host({"params": template.params, "model_state": template.model_state,
+                                  "server_state": template.server_state})
+                arrays = ckpt.restore(os.path.join(path, "arrays"), target)
+                if tree_spec(arrays) != tree_spec(target):
+                    raise UserError(f"the result saved in {path} does not match the template's "
+                                    f"arrays; load it without a template")
+                arrays = from_host({"params": template.params, "model_state": template.model_state,
+                                    "server_state": template.server_state}, arrays)
+        return cls(arrays["params"], arrays["model_state"], arrays["server_state"],
+                   meta["history"], meta["summary"])
+
+    def export_params(self, path: str) -> None:
+        """Writes the final global parameters to a `.npz` file (one array per leaf, named
+        by its path, e.g. 'dense/kernel')."""
+        export_params(self.params, path)
 
 
 def _check_inputs(model, train_data, rounds, clients_per_round, eval_every, task, input_key):
@@ -193,6 +251,9 @@ def simulate(
     engine: EngineOptions = EngineOptions(),
     input_key: str = "x",
     workdir: str | None = None,
+    checkpoint: CheckpointOptions = CheckpointOptions(),
+    config: dict | None = None,
+    allow_config_change: bool = False,
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
     metadata: dict | None = None,
@@ -212,7 +273,18 @@ def simulate(
       seed: the one root of all randomness (init, sampling, shuffling, dropout).
       aggregator: aggregator part(s) (default: weighted mean).
       engine: execution strategy (default: chosen by backend and model).
-      workdir: if given, `metrics.jsonl` and `summary.json` are written there.
+      workdir: if given, `metrics.jsonl`, `summary.json` and the final `params.npz` are
+        written there, and checkpoints in `workdir/checkpoints` (see `checkpoint`). If that
+        directory already holds checkpoints of this run, the run resumes from the newest
+        intact one and ends exactly as an uninterrupted run would.
+      checkpoint: when to save (`CheckpointOptions`: every k rounds, every s seconds, at
+        the end; how many to keep).
+      config: a JSON-like dict describing the run, stored with each checkpoint and compared
+        on resume (the CLI passes its config). Default: a description built from the
+        arguments (model, algorithm fields, data digest, seed, ...); optimizer
+        hyperparameters are not visible in it, so pass them here to have them checked.
+      allow_config_change: resume even if `config` differs from the checkpoint's (`rounds`
+        and the checkpoint cadence may always change).
       callback: called with each round's metrics dict (after it is logged).
       metadata: extra JSON-serialisable facts about the run, recorded in the summary's
         `data` entry (e.g. how targets were standardised).
@@ -258,20 +330,48 @@ def simulate(
                                  batch_size=eval_batch_size) if client_eval_data is not None else None
 
     state = program.init(params)
-    per_call = min(choice["rounds_per_call"], eval_every, rounds)
+    ckpt = None
+    if workdir and checkpoint.enabled:
+        ckpt = RunCheckpoints(os.path.join(workdir, "checkpoints"), checkpoint)
+    run_config = config if config is not None else describe_run(
+        model=model, algorithm=algorithm, train_data=train_data, task=task, aggregator=aggregator,
+        clients_per_round=clients_per_round, eval_every=eval_every, seed=seed, engine=engine,
+        input_key=input_key, eval_data=eval_data, client_eval_data=client_eval_data)
+    history: list[dict] = []
+    done = 0
+    if ckpt is not None:
+        restored = ckpt.restore_latest(_checkpoint_tree(state, model_state))
+        if restored is not None:
+            tree, meta = restored
+            state, model_state = tree["sim"], tree["model_state"]
+            done, history = _resume_checks(meta, run_config, rounds, allow_config_change,
+                                           root, ckpt.directory)
+            if progress:
+                print(f"resuming from the checkpoint at round {done} in {ckpt.directory}")
+    if workdir:
+        _write_json(os.path.join(workdir, "config.json"), run_config)
+
+    every = checkpoint.every_rounds if ckpt is not None else None
+    per_call = min(choice["rounds_per_call"], eval_every, rounds, every or rounds)
     t0 = time.perf_counter()
     run = program.compile(state, data, model_state, root, per_call)
     compile_seconds = time.perf_counter() - t0
 
-    writer = open(os.path.join(workdir, "metrics.jsonl"), "w") if workdir else None
-    bar = _progress_bar(rounds, progress)
-    history: list[dict] = []
+    writer = None
+    if workdir:
+        # The log restarts from what the checkpoint recorded (rows logged after it are redone).
+        _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
+        writer = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    bar = _progress_bar(rounds, progress, initial=done)
     train_seconds = 0.0
-    done = 0
+    saved_round, last_save = done, time.perf_counter()
+    start_round = done
     target = 1 if choice["adaptive_rounds_per_call"] else per_call  # first call: measure
     try:
         while done < rounds:
             count = min(target, rounds - done, eval_every - done % eval_every)
+            if every:
+                count = min(count, every - done % every)
             t1 = time.perf_counter()
             state, metrics = run(state, data, model_state, root, done, count)
             metrics = jax.device_get(metrics)
@@ -280,48 +380,170 @@ def simulate(
             if choice["adaptive_rounds_per_call"]:
                 per_round = seconds / count
                 target = int(min(per_call, max(1, TARGET_SECONDS_PER_CALL // max(per_round, 1e-9))))
+            finite = np.asarray(metrics.pop("_params_finite"))
             rows = [{"round": done + i + 1, **{k: _scalar(v[i]) for k, v in metrics.items()}}
                     for i in range(count)]
+            bad = _first_divergence(rows, finite)
+            if bad is not None:
+                i, what = bad
+                _log(rows[:i + 1], history, writer, callback)
+                last_good = f"; the last good checkpoint (round {saved_round}) in {ckpt.directory} is kept" \
+                    if ckpt is not None and ckpt.steps() else ""
+                raise UserError(f"training diverged at round {rows[i]['round']} ({what}); lower the "
+                                f"client or server learning rate{last_good}")
             done += count
-            for row in rows:
-                if not math.isfinite(row["train_loss"]):
-                    raise UserError(f"training diverged at round {row['round']} (train_loss is "
-                                    f"{row['train_loss']}); lower the client or server learning rate")
             if done % eval_every == 0 or done == rounds:
                 rows[-1].update(_evaluate(algorithm.params(state.server), model_state,
                                           central, per_client))
-            for row in rows:
-                history.append(row)
-                if writer:
-                    writer.write(json.dumps(row) + "\n")
-                if callback:
-                    callback(row)
-            if writer:
-                writer.flush()
-            bar.update(count, rows[-1], done / max(train_seconds, 1e-9))
+            _log(rows, history, writer, callback)
+            bar.update(count, rows[-1], (done - start_round) / max(train_seconds, 1e-9))
+            if ckpt is not None and (done == rounds or (every and done % every == 0) or (
+                    checkpoint.every_seconds is not None
+                    and time.perf_counter() - last_save >= checkpoint.every_seconds)):
+                ckpt.save(done, _checkpoint_tree(state, model_state),
+                          _checkpoint_meta(root, history, run_config))
+                saved_round, last_save = done, time.perf_counter()
     finally:
         bar.close()
         if writer:
             writer.close()
+        if ckpt is not None:
+            ckpt.wait()  # a save in flight holds a good state: let it land
+            ckpt.close()
 
     final = {k: v for k, v in history[-1].items() if k.startswith(("test_", "client_test_"))}
+    ran = max(done - start_round, 1)
     summary = {
         "rounds": rounds,
         "final": final,
         "train_loss": history[-1]["train_loss"],
-        "seconds_per_round": train_seconds / rounds,
+        "seconds_per_round": train_seconds / ran,
         "compile_seconds": compile_seconds,
+        "resumed_from_round": start_round,
         "num_params": model.num_params(params),
         "engine": {**choice, "backend": backend, "local_steps": schedule.num_steps,
                    "batch_size": schedule.batch_size},
         "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
                  "max_client_size": train_data.max_client_size, **(metadata or {})},
     }
-    if workdir:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
     params = algorithm.params(state.server)
+    if workdir:
+        _write_json(os.path.join(workdir, "summary.json"), summary)
+        export_params(params, os.path.join(workdir, "params.npz"))
     return Result(params, model_state, state.server, history, summary)
+
+
+def _checkpoint_tree(state, model_state) -> dict:
+    return {"sim": state, "model_state": model_state}
+
+
+def _checkpoint_meta(root, history, run_config) -> dict:
+    # A copy: the save is written in the background while the history grows.
+    return {"root_key": np.asarray(jax.random.key_data(root)).tolist(), "history": list(history),
+            "config": run_config}
+
+
+def _resume_checks(meta, run_config, rounds, allow_config_change, root, directory):
+    """Round and history to resume from; refuses a changed run unless allowed."""
+    done = int(meta["round"])
+    if meta.get("root_key") != np.asarray(jax.random.key_data(root)).tolist():
+        raise UserError(f"the checkpoint in {directory} was made with another seed; use the "
+                        f"same seed to resume, or a fresh --workdir")
+    diffs = config_differences(meta.get("config") or {}, run_config,
+                               ignore=lambda key: key == "rounds" or key.startswith("checkpoint."))
+    if diffs and not allow_config_change:
+        raise UserError(f"the run in {directory} was started with a different config "
+                        f"({'; '.join(diffs)}); rerun with the same config, pass "
+                        f"--allow-config-change (allow_config_change=True) to resume anyway, or "
+                        f"use a fresh --workdir")
+    if diffs:
+        warnings.warn(f"resuming {directory} with a changed config: {'; '.join(diffs)}", stacklevel=3)
+    if done > rounds:
+        raise UserError(f"the checkpoint in {directory} is at round {done}, past rounds={rounds}; "
+                        f"set rounds >= {done} or use a fresh --workdir")
+    history = list(meta["history"])
+    if len(history) != done:
+        raise UserError(f"the checkpoint at round {done} in {directory} holds {len(history)} "
+                        f"metrics rows; it is damaged, delete it to use the previous one")
+    return done, history
+
+
+def _first_divergence(rows, params_finite):
+    """(index, what) of the first round whose loss or new global parameters are not finite."""
+    for i, row in enumerate(rows):
+        if not math.isfinite(row["train_loss"]):
+            return i, f"train_loss is {row['train_loss']}"
+        if not bool(params_finite[i]):
+            return i, "the global parameters hold NaN or Inf"
+    return None
+
+
+def _log(rows, history, writer, callback):
+    for row in rows:
+        history.append(row)
+        if writer:
+            writer.write(json.dumps(row) + "\n")
+        if callback:
+            callback(row)
+    if writer:
+        writer.flush()
+
+
+def _write_json(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _rewrite_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _describe(value, depth=0):
+    """A JSON description of an algorithm/aggregator object: its class and simple fields.
+    Functions (e.g. inside optax transformations) are described by type only."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if depth > 4:
+        return type(value).__name__
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"class": type(value).__name__,
+                **{f.name: _describe(getattr(value, f.name), depth + 1)
+                   for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return [_describe(v, depth + 1) for v in value]
+    return type(value).__name__
+
+
+def _data_digest(data) -> str | None:
+    if data is None:
+        return None
+    if hasattr(data, "features"):
+        return checksum({"features": dict(data.features), "offsets": np.asarray(data.offsets)})
+    return checksum(dict(data))
+
+
+def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_round,
+                 eval_every, seed, engine, input_key, eval_data, client_eval_data) -> dict:
+    """What identifies a run of `simulate()` when no config is given: checked on resume.
+
+    Optimizer hyperparameters live inside optax closures and cannot be seen here; pass
+    `config=` (any JSON-like dict of your hyperparameters) to have them checked too.
+    """
+    return {
+        "clients_per_round": clients_per_round, "eval_every": eval_every, "seed": seed,
+        "model": model.name, "task": task.name, "input_key": input_key,
+        "algorithm": _describe(algorithm), "aggregator": _describe(aggregator),
+        "engine": _describe(engine),
+        "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
+                 "digest": _data_digest(train_data)},
+        "eval_data": _data_digest(eval_data), "client_eval_data": _data_digest(client_eval_data),
+    }
 
 
 def _scalar(x):
@@ -341,11 +563,11 @@ def _evaluate(params, model_state, central, per_client) -> dict:
 class _progress_bar:
     """tqdm over rounds showing loss, accuracy and rounds/s; silent when disabled."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, unit="round", dynamic_ncols=True)
         self._shown: dict = {}
 
     def update(self, n: int, row: dict, rounds_per_second: float):
