@@ -146,14 +146,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool =
     params.npz and checkpoints into `workdir`, or resumes the run already there."""
     parts = build(config)
     info = parts.pop("info")
-    if workdir:
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
-            raise UserError(f"--workdir {workdir} exists and is not a directory; choose another path")
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --workdir {workdir} ({e.strerror}); choose a writable "
-                            f"path") from None
     metadata = {}
     if info.get("target_stats"):
         metadata["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}

@@ -270,8 +270,13 @@ def export_params(params: PyTree, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _key(part: str):
+    return int(part) if part.isdigit() else part
+
+
 def load_params(path: str) -> dict:
-    """Reads an `export_params` file back as nested dicts of numpy arrays."""
+    """Reads an `export_params` file back as nested dicts of numpy arrays (path parts that
+    are integers, such as Flax NNX list indices, come back as ints)."""
     if not os.path.isfile(path):
         raise UserError(f"no parameter file at {path}")
     out: dict = {}
@@ -280,6 +285,6 @@ def load_params(path: str) -> dict:
             node = out
             *parents, leaf = name.split("/")
             for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = npz[name]
+                node = node.setdefault(_key(part), {})
+            node[_key(leaf)] = npz[name]
     return out

@@ -330,6 +330,8 @@ def simulate(
                                  batch_size=eval_batch_size) if client_eval_data is not None else None
 
     state = program.init(params)
+    if workdir:
+        _prepare_workdir(workdir)
     ckpt = None
     if workdir and checkpoint.enabled:
         ckpt = RunCheckpoints(os.path.join(workdir, "checkpoints"), checkpoint)
@@ -487,6 +489,15 @@ def _log(rows, history, writer, callback):
             callback(row)
     if writer:
         writer.flush()
+
+
+def _prepare_workdir(workdir):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} exists and is not a directory; choose another path")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create workdir {workdir} ({e.strerror}); choose a writable path") from None
 
 
 def _write_json(path, value):
