@@ -264,3 +264,28 @@ def test_result_save_load_and_params_export(tmp_path):
     # simulate(workdir=...) wrote the same file at the end
     with np.load(tmp_path / "run" / "params.npz") as npz:
         np.testing.assert_array_equal(npz["out/kernel"], np.asarray(result.params["out"]["kernel"]))
+
+
+def test_cli_resume_refuses_a_changed_config_by_key_unless_allowed(tmp_path, capsys):
+    from fedjax_sim.cli.main import main
+
+    args = ["train", "--config", f"{CONFIGS}/digits_fedavg.py", "--workdir", str(tmp_path),
+            "--no-progress", "--config.eval_every=2", "--config.checkpoint.every_rounds=2"]
+    assert main(args + ["--config.rounds=4"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--config.rounds=6", "--config.algorithm.client_optimizer.learning_rate=0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the run in ")
+    assert "different config (algorithm.client_optimizer.learning_rate: 0.1 -> 0.05)" in err[0]
+    assert "--allow-config-change" in err[0]
+    assert json.loads((tmp_path / "config.json").read_text())["algorithm"]["client_optimizer"]["learning_rate"] == 0.1
+    # a changed cadence or more rounds is not a changed run
+    assert main(args[:-1] + ["--config.checkpoint.every_rounds=1", "--config.rounds=6"]) == 0
+    assert "resuming from the checkpoint at round 4" not in capsys.readouterr().out  # --no-progress is quiet
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert main(args + ["--config.rounds=8", "--config.algorithm.client_optimizer.learning_rate=0.05",
+                        "--allow-config-change"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_round"] == 6 and summary["rounds"] == 8
+    assert json.loads((tmp_path / "config.json").read_text())["algorithm"]["client_optimizer"]["learning_rate"] == 0.05

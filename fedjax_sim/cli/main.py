@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from fedjax_sim.errors import UserError
 
@@ -73,9 +74,15 @@ def _train(args, overrides) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
