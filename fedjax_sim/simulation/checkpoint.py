@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from typing import Any
@@ -219,6 +220,7 @@ class RunCheckpoints:
                 host = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(template_host))).state
             except Exception as e:
+                _quiet_orphaned_reads()
                 skipped.append((step, f"round {step}: arrays unreadable ({_short(e)})"))
                 continue
             if checksum(host) != meta.get("checksum"):
@@ -247,6 +249,25 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _quiet_orphaned_reads() -> None:
+    """After a failed read, tensorstore's pending callbacks find orbax's event loop closed
+    and report 'Event loop is closed' through sys.unraisablehook, a traceback per callback.
+    The failure itself is already handled (the checkpoint is skipped), so drop exactly those
+    reports and pass everything else on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fedjax_sim_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._fedjax_sim_quiet = True
+    sys.unraisablehook = hook
 
 
 def _spec_difference(saved, expected) -> str:

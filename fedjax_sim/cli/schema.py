@@ -1,0 +1,451 @@
+"""Checks a whole experiment config up front, before any data is loaded or anything compiled.
+
+`validate_config(config)` raises `UserError` with a one-line message for the first problem
+it finds: an unknown key (with a `did you mean` and the keys allowed at that level), a
+missing section or key, or a value of the wrong type or out of range. Messages name the key
+as `config.<path>`, the value and what is allowed, e.g.
+
+    config.algorithm.batch_size must be an integer >= 1, got 0
+
+Free-form argument dicts (`data.partition_args`, `model.args`, an optimizer's `args`) are
+checked against the signature of the function they are passed to (the partitioner, the zoo
+model builder, the optax optimizer), so the schema follows the code. Arguments a function
+takes are also range-checked where the schema knows a rule for them (`ARG_RULES`); a test
+keeps those rules complete.
+
+`data` accepts the keys of every source (an override can change `data.source` but cannot
+delete keys), and checks the ones the chosen source reads; the others are ignored by it.
+
+What needs the data itself (e.g. num_clients larger than the dataset, num_outputs below the
+number of classes, a cnn on flat features) is still checked when the experiment is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+import optax
+
+from fedjax_sim.algorithms import fedavg
+from fedjax_sim.data.builtin import synthetic as _synthetic
+from fedjax_sim.data.partition import PARTITIONERS
+from fedjax_sim.errors import UserError
+from fedjax_sim.models import tasks, zoo
+from fedjax_sim.simulation.checkpoint import CheckpointOptions
+from fedjax_sim.simulation.loop import EngineOptions, resolve_engine
+
+__all__ = ["validate_config", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS", "DATA_SOURCES",
+           "DATA_KEYS", "ALGORITHMS", "WEIGHTINGS", "DENSE_IMPLS", "CONV_IMPLS", "ARG_RULES"]
+
+# When a config has no `checkpoint` section (or leaves a key of it out).
+CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
+
+TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
+                  "algorithm", "engine", "checkpoint")
+DATA_SOURCES = ("digits", "diabetes", "synthetic")
+# The `data` keys each source reads (experiment.build_data).
+DATA_KEYS = {
+    "digits": ("source", "num_clients", "partition", "partition_args", "client_test_fraction",
+               "seed"),
+    "diabetes": ("source", "num_clients", "partition", "partition_args", "client_test_fraction",
+                 "seed"),
+    "synthetic": ("source", "num_clients", "alpha", "beta", "iid", "seed"),
+}
+MODEL_KEYS = ("name", "num_outputs", "args")
+OPTIMIZER_KEYS = ("name", "learning_rate", "args")
+# Algorithm name -> its builder; the algorithm section's keys are `name` plus the builder's
+# parameters (client_optimizer, server_optimizer, local_epochs, ...).
+ALGORITHMS: dict[str, Callable] = {"fedavg": fedavg}
+WEIGHTINGS = ("num_examples", "uniform")  # FedAvg.__post_init__
+DENSE_IMPLS = ("auto", "explicit_transpose", "xla")  # models/dense.py dense_function
+CONV_IMPLS = ("auto", "matmul", "xla")  # models/conv.py conv_function
+
+
+# -- value predicates ---------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int):
+    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+
+
+def _number_above(low: float):
+    return (lambda v: _is_number(v) and math.isfinite(v) and v > low), f"a number > {low:g}"
+
+
+def _number_at_least(low: float):
+    return (lambda v: _is_number(v) and math.isfinite(v) and v >= low), f"a number >= {low:g}"
+
+
+def _one_of(choices):
+    return (lambda v: isinstance(v, str) and v in choices), f"one of {list(choices)}"
+
+
+_FRACTION = ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)")
+_LAYER_SIZES = ((lambda v: isinstance(v, (list, tuple)) and all(_is_int(h) and h >= 1 for h in v)),
+                "a list of integers >= 1")
+
+# Range rules for the arguments of partitioners and zoo models, by parameter name:
+# (predicate, what is allowed). tests/test_config_validation.py checks that every parameter
+# of every partitioner and zoo model has one.
+ARG_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "partition": {
+        "alpha": _number_above(0),                # dirichlet concentration
+        "min_size": _int_at_least(0),             # dirichlet, quantity_skew
+        "max_tries": _int_at_least(1),            # dirichlet
+        "shards_per_client": _int_at_least(1),    # shards
+        "sigma": _number_at_least(0),             # quantity_skew
+    },
+    "model": {
+        "hidden": _LAYER_SIZES,                   # mlp
+        "dropout": _FRACTION,                     # mlp
+        "dense_impl": _one_of(DENSE_IMPLS),
+        "conv_impl": _one_of(CONV_IMPLS),         # cnn
+    },
+}
+# Arguments the simulator passes itself, so a config may not set them.
+_PARTITIONER_FIXED = ("labels", "num_clients", "seed")
+_MODEL_FIXED = ("input_shape", "num_outputs")
+_OPTIMIZER_FIXED = ("learning_rate",)
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _is_section(v) -> bool:
+    return isinstance(v, (ml_collections.ConfigDict, dict))
+
+
+def _as_dict(v) -> dict:
+    return v.to_dict() if isinstance(v, ml_collections.ConfigDict) else dict(v)
+
+
+def _show(v) -> str:
+    """A one-line repr (a ConfigDict's own repr is multi-line YAML)."""
+    if isinstance(v, ml_collections.ConfigDict):
+        v = v.to_dict()
+    return repr(v)
+
+
+def _has(section, key) -> bool:
+    return key in section
+
+
+def _get(section, key, default=None):
+    return section[key] if key in section else default
+
+
+def _check(value, key: str, rule) -> None:
+    predicate, allowed = rule
+    if not predicate(value):
+        raise UserError(f"config.{key} must be {allowed}, got {_show(value)}")
+
+
+def _positive_int(value, key: str) -> None:
+    # Same wording as experiment._positive_int.
+    if not (_is_int(value) and value >= 1):
+        raise UserError(f"config.{key} must be an integer >= 1, got {_show(value)}")
+
+
+def _unknown_key(path: str, key: str, known) -> UserError:
+    full = f"{path}.{key}" if path else key
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {(f'{path}.' if path else '') + close[0]!r}? " if close else ""
+    where = f"in config.{path}" if path else "at the top level"
+    return UserError(f"unknown config key {full!r}; {hint}known keys {where}: {', '.join(known)}")
+
+
+def _check_keys(section, path: str, known) -> None:
+    for key in section.keys():
+        if key not in known:
+            raise _unknown_key(path, key, known)
+
+
+def _section(config, key: str, path: str = "", required: bool = True, example: str = ""):
+    """The sub-section `key` as a ConfigDict/dict, or None when optional and absent/None."""
+    full = f"{path}.{key}" if path else key
+    if not _has(config, key) or config[key] is None:
+        if required:
+            raise UserError(f"config.{full} is missing; add it to the config file{example}")
+        return None
+    value = config[key]
+    if not _is_section(value):
+        raise UserError(f"config.{full} must be a section (a dict of keys), got {_show(value)}")
+    return value
+
+
+def _free_args(section, key: str, path: str):
+    """A free-form argument dict (None/absent -> {})."""
+    value = _get(section, key)
+    if value is None:
+        return {}
+    if not _is_section(value):
+        raise UserError(f"config.{path}.{key} must be a dict of keyword arguments, got "
+                        f"{_show(value)}")
+    return _as_dict(value)
+
+
+def _check_args(key: str, args: dict, fn: Callable, fixed: tuple[str, ...], what: str,
+                rules: dict | None = None) -> None:
+    """`args` must bind to `fn`'s signature next to the `fixed` arguments the code passes."""
+    params = inspect.signature(fn).parameters
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    takes = [n for n, p in params.items()
+             if n not in fixed and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for name in args:
+        if name in fixed or (name not in takes and not var_kw):
+            close = difflib.get_close_matches(name, takes, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            why = " (the simulator sets it)" if name in fixed else ""
+            raise UserError(f"config.{key} has unknown argument {name!r} for {what}{why}; {hint}"
+                            f"it takes: {', '.join(takes) or 'no arguments'}")
+    for name in takes:
+        p = params[name]
+        if p.default is p.empty and name not in args:
+            raise UserError(f"config.{key} needs {name!r} for {what}; it takes: {', '.join(takes)}")
+    try:
+        inspect.signature(fn).bind(**{n: None for n in fixed if n in params}, **args)
+    except TypeError as e:
+        raise UserError(f"config.{key} {args} do not fit {what}: {e}") from None
+    for name, value in args.items():
+        if rules and name in rules:
+            _check(value, f"{key}.{name}", rules[name])
+
+
+# -- sections -----------------------------------------------------------------------------
+def _all_data_keys():
+    return sorted({k for keys in DATA_KEYS.values() for k in keys})
+
+
+def _algorithm_keys(name: str):
+    builder = ALGORITHMS.get(name, fedavg)
+    return ("name", *inspect.signature(builder).parameters)
+
+
+def _check_unknown_keys(config) -> None:
+    """Every key of every fixed-layout section is known (free-form arg dicts excluded)."""
+    _check_keys(config, "", TOP_LEVEL_KEYS)
+    fixed_layout = {
+        "data": _all_data_keys(),
+        "model": MODEL_KEYS,
+        "engine": [f.name for f in dataclasses.fields(EngineOptions)],
+        "checkpoint": list(CHECKPOINT_DEFAULTS),
+    }
+    for name, known in fixed_layout.items():
+        section = _get(config, name)
+        if _is_section(section):
+            _check_keys(section, name, known)
+    alg = _get(config, "algorithm")
+    if _is_section(alg):
+        name = _get(alg, "name", "fedavg")
+        _check_keys(alg, "algorithm", _algorithm_keys(name if name in ALGORITHMS else "fedavg"))
+        for opt in ("client_optimizer", "server_optimizer"):
+            if _is_section(_get(alg, opt)):
+                _check_keys(alg[opt], f"algorithm.{opt}", OPTIMIZER_KEYS)
+
+
+def _check_top_level(config) -> None:
+    _check(_get(config, "seed", 0), "seed", _int_at_least(0))
+    for key in ("rounds", "clients_per_round", "eval_every"):
+        if not _has(config, key):
+            raise UserError(f"config.{key} is missing; set it to an integer >= 1")
+        _positive_int(config[key], key)
+    task = _get(config, "task", "classification")
+    if not isinstance(task, str) or task not in tasks.TASKS:
+        raise UserError(f"config.task={task!r} is not a known task; choose one of "
+                        f"{sorted(tasks.TASKS)}")
+
+
+def _check_data(config) -> int:
+    """Checks config.data; returns the number of clients it makes."""
+    data = _section(config, "data", example=", e.g. data=dict(source='digits', num_clients=100, "
+                                            "partition='iid')")
+    source = _get(data, "source")
+    if not isinstance(source, str) or source not in DATA_SOURCES:
+        # Same wording as experiment.build_data.
+        raise UserError(f"config.data.source={source!r} is not a known dataset; choose one of "
+                        f"{list(DATA_SOURCES)}")
+    if _has(data, "seed"):
+        _check(data["seed"], "data.seed", _int_at_least(0))
+    if source == "synthetic":
+        default_clients = inspect.signature(_synthetic).parameters["num_clients"].default
+        num_clients = _get(data, "num_clients", default_clients)
+        _positive_int(num_clients, "data.num_clients")
+        alpha, beta = _get(data, "alpha", 1.0), _get(data, "beta", 1.0)
+        _check(alpha, "data.alpha", _number_at_least(0))
+        _check(beta, "data.beta", _number_at_least(0))
+        iid = _get(data, "iid", False)
+        if not isinstance(iid, (bool, np.bool_)):
+            raise UserError(f"config.data.iid must be True or False, got {_show(iid)}")
+        if iid and (alpha != 0 or beta != 0):
+            raise UserError(f"config.data.iid=True needs config.data.alpha=0 and "
+                            f"config.data.beta=0 (one shared model and input distribution), got "
+                            f"alpha={alpha!r}, beta={beta!r}; set them to 0 or iid=False")
+        return int(num_clients)
+
+    if not _has(data, "num_clients"):
+        raise UserError(f"config.data.num_clients is missing; the {source!r} source needs it "
+                        f"(an integer >= 1)")
+    num_clients = data["num_clients"]
+    _positive_int(num_clients, "data.num_clients")
+    name = _get(data, "partition", "iid")
+    if not isinstance(name, str) or name not in PARTITIONERS:
+        raise UserError(f"config.data.partition={name!r} is not a known partitioner; choose one "
+                        f"of {sorted(PARTITIONERS)}")
+    args = _free_args(data, "partition_args", "data")
+    _check_args("data.partition_args", args, PARTITIONERS[name], _PARTITIONER_FIXED,
+                f"partitioner {name!r}", ARG_RULES["partition"])
+    fraction = _get(data, "client_test_fraction")
+    if fraction is not None:  # None: no per-client test split, like 0
+        _check(fraction, "data.client_test_fraction", _FRACTION)
+    return int(num_clients)
+
+
+def _check_model(config) -> None:
+    model = _section(config, "model", example=", e.g. model=dict(name='mlp', args={})")
+    name = _get(model, "name")
+    if not isinstance(name, str) or name not in zoo.ZOO:
+        raise UserError(f"config.model.name={name!r} is not a zoo model; choose one of "
+                        f"{sorted(zoo.ZOO)}")
+    num_outputs = _get(model, "num_outputs")
+    if num_outputs is not None and not (_is_int(num_outputs) and num_outputs >= 1):
+        raise UserError(f"config.model.num_outputs must be None (from the data) or an integer "
+                        f">= 1, got {_show(num_outputs)}")
+    args = _free_args(model, "args", "model")
+    _check_args("model.args", args, zoo.ZOO[name], _MODEL_FIXED, f"model {name!r}",
+                ARG_RULES["model"])
+
+
+def _optimizer_names() -> list[str]:
+    names = []
+    for n in dir(optax):
+        fn = getattr(optax, n)
+        if n.startswith("_") or not inspect.isfunction(fn):
+            continue
+        try:
+            if "learning_rate" in inspect.signature(fn).parameters:
+                names.append(n)
+        except (TypeError, ValueError):
+            pass
+    return names
+
+
+def _check_optimizer(alg, key: str) -> None:
+    path = f"algorithm.{key}"
+    cfg = _section(alg, key, "algorithm",
+                   example=", e.g. dict(name='sgd', learning_rate=1.0, args={})")
+    name = _get(cfg, "name")
+    fn = getattr(optax, name, None) if isinstance(name, str) else None
+    try:
+        ok = callable(fn) and "learning_rate" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        close = difflib.get_close_matches(name, _optimizer_names(), n=1) \
+            if isinstance(name, str) else []
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        # Same wording as experiment.build_optimizer.
+        raise UserError(f"config.{path}.name={name!r} is not an optax optimizer; {hint}use e.g. "
+                        f"'sgd', 'adam', 'yogi', 'adagrad'")
+    lr = _get(cfg, "learning_rate")
+    if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"config.{path}.learning_rate must be a number > 0, got {_show(lr)}")
+    args = _free_args(cfg, "args", path)
+    _check_args(f"{path}.args", args, fn, _OPTIMIZER_FIXED, f"optax.{name}")
+
+
+def _check_algorithm(config) -> None:
+    alg = _section(config, "algorithm", example=", e.g. algorithm=dict(name='fedavg', ...)")
+    name = _get(alg, "name", "fedavg")
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        # Same wording as experiment.build.
+        raise UserError(f"config.algorithm.name={name!r} is not known; choose one of "
+                        f"{list(ALGORITHMS)}")
+    for key in ("client_optimizer", "server_optimizer"):
+        _check_optimizer(alg, key)
+    epochs, steps = _get(alg, "local_epochs"), _get(alg, "local_steps")
+    if (epochs is None) == (steps is None):
+        raise UserError(f"set exactly one of config.algorithm.local_epochs and "
+                        f"config.algorithm.local_steps (the other to None), got "
+                        f"local_epochs={epochs!r}, local_steps={steps!r}")
+    if epochs is not None:
+        _positive_int(epochs, "algorithm.local_epochs")
+    if steps is not None:
+        _positive_int(steps, "algorithm.local_steps")
+    batch_size = _get(alg, "batch_size", 10)
+    if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
+        # Same wording as experiment._positive_int, plus what None means.
+        raise UserError(f"config.algorithm.batch_size must be an integer >= 1, got "
+                        f"{_show(batch_size)} (or None: each client's data as one batch)")
+    weighting = _get(alg, "weighting", "num_examples")
+    if not isinstance(weighting, str) or weighting not in WEIGHTINGS:
+        raise UserError(f"config.algorithm.weighting={weighting!r} is not known; choose one of "
+                        f"{list(WEIGHTINGS)}")
+
+
+def _check_engine(config) -> None:
+    engine = _section(config, "engine", required=False)
+    if engine is None:
+        return
+    try:
+        options = EngineOptions(**_as_dict(engine))
+        # Only validates here: the 'auto' choices it makes are not used.
+        resolve_engine(options, backend="cpu", conv=False, num_steps=1,
+                       clients_per_round=int(config["clients_per_round"]))
+    except UserError as e:
+        message = str(e)
+        raise UserError(f"config.{message}" if message.startswith("engine.") else message) from None
+
+
+def _check_checkpoint(config) -> None:
+    ckpt = _section(config, "checkpoint", required=False)
+    if ckpt is None:
+        return
+    every_rounds = _get(ckpt, "every_rounds", CHECKPOINT_DEFAULTS["every_rounds"])
+    if every_rounds is not None and not (_is_int(every_rounds) and every_rounds >= 1):
+        raise UserError(f"config.checkpoint.every_rounds must be None or an integer >= 1, got "
+                        f"{_show(every_rounds)}")
+    every_seconds = _get(ckpt, "every_seconds", CHECKPOINT_DEFAULTS["every_seconds"])
+    if every_seconds is not None and not (_is_number(every_seconds) and every_seconds > 0):
+        raise UserError(f"config.checkpoint.every_seconds must be None or a number > 0, got "
+                        f"{_show(every_seconds)}")
+    _check(_get(ckpt, "max_to_keep", CHECKPOINT_DEFAULTS["max_to_keep"]),
+           "checkpoint.max_to_keep", _int_at_least(1))
+    CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **_as_dict(ckpt)})  # the code's own checks
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the whole experiment config; raises `UserError` (one line) on the first problem.
+
+    Loads no data and builds or compiles nothing; see the module doc for what it checks.
+    """
+    if not _is_section(config):
+        raise UserError(f"a config must be an ml_collections.ConfigDict, got {type(config).__name__}; "
+                        f"return one from get_config()")
+    try:
+        _check_unknown_keys(config)
+        _check_top_level(config)
+        num_clients = _check_data(config)
+        if config["clients_per_round"] > num_clients:
+            raise UserError(f"config.clients_per_round={config['clients_per_round']} exceeds the "
+                            f"{num_clients} clients of config.data.num_clients; lower "
+                            f"clients_per_round or raise data.num_clients")
+        _check_model(config)
+        _check_algorithm(config)
+        _check_engine(config)
+        _check_checkpoint(config)
+    except UserError as e:
+        message = str(e)
+        if "\n" in message:  # keep the CLI's error to one line whatever a value looked like
+            raise UserError(" ".join(message.split())) from None
+        raise
