@@ -289,3 +289,15 @@ def test_cli_resume_refuses_a_changed_config_by_key_unless_allowed(tmp_path, cap
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from_round"] == 6 and summary["rounds"] == 8
     assert json.loads((tmp_path / "config.json").read_text())["algorithm"]["client_optimizer"]["learning_rate"] == 0.05
+
+
+def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    from fedjax_sim.cli.main import main
+
+    path = tmp_path / "not_a_dir"
+    path.write_text("x")
+    code = main(["train", "--config", f"{CONFIGS}/digits_fedavg.py", "--workdir", str(path),
+                 "--no-progress", "--config.rounds=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0] == f"error: workdir {path} exists and is not a directory; choose another path"

@@ -11,12 +11,13 @@ Config layout (see configs/*.py):
                server_optimizer {…}, local_epochs, local_steps, batch_size, weighting
     engine:    clients_per_chunk, unroll, rounds_per_call
     checkpoint: every_rounds, every_seconds, max_to_keep (optional; CHECKPOINT_DEFAULTS)
+
+Every key and value is checked up front by `schema.validate_config`; the checks left here
+are those that need the data.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import os
 
@@ -30,40 +31,20 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models import get_model, get_task
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
+from fedjax_sim.cli.schema import ALGORITHMS as _ALGORITHMS
+from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, DATA_SOURCES, validate_config
 
-# When a config has no `checkpoint` section.
-CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
-
-DATA_SOURCES = ("digits", "diabetes", "synthetic")
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = tuple(_ALGORITHMS)
 
 
 def _get(config, key, default=None):
     return config[key] if key in config else default
 
 
-def _positive_int(value, key):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"config.{key} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def build_optimizer(cfg: ml_collections.ConfigDict, key: str) -> optax.GradientTransformation:
-    """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)."""
-    name = _get(cfg, "name")
-    fn = getattr(optax, name, None) if isinstance(name, str) else None
-    if fn is None or not callable(fn) or "learning_rate" not in inspect.signature(fn).parameters:
-        raise UserError(f"config.{key}.name={name!r} is not an optax optimizer; use e.g. "
-                        f"'sgd', 'adam', 'yogi', 'adagrad'")
-    lr = _get(cfg, "learning_rate")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise UserError(f"config.{key}.learning_rate must be a number > 0, got {lr!r}")
-    args = dict(_get(cfg, "args", {}) or {})
-    try:
-        inspect.signature(fn).bind(lr, **args)
-    except TypeError as e:
-        raise UserError(f"config.{key}.args {args} do not fit optax.{name}: {e}") from None
-    return fn(lr, **args)
+    """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)
+    (name, learning rate and args are checked by validate_config)."""
+    return getattr(optax, cfg.name)(_get(cfg, "learning_rate"), **dict(_get(cfg, "args", {}) or {}))
 
 
 def build_data(cfg: ml_collections.ConfigDict, seed: int):
@@ -83,11 +64,10 @@ def build_data(cfg: ml_collections.ConfigDict, seed: int):
     elif source == "diabetes":
         train_arrays, test, stats = fdata.load_diabetes(seed=data_seed)
         info["target_stats"] = stats
-    else:
-        raise UserError(f"config.data.source={source!r} is not a known dataset; choose one of "
-                        f"{list(DATA_SOURCES)}")
+    else:  # validate_config names the known sources
+        raise UserError(f"config.data.source={source!r} is not a known dataset")
     name = _get(cfg, "partition", "iid")
-    num_clients = _positive_int(_get(cfg, "num_clients"), "data.num_clients")
+    num_clients = _get(cfg, "num_clients")
     args = dict(_get(cfg, "partition_args", {}) or {})
     clients = fdata.partition(train_arrays, train_arrays["y"], name, num_clients,
                               seed=data_seed, **args)
@@ -99,9 +79,9 @@ def build_data(cfg: ml_collections.ConfigDict, seed: int):
 
 
 def build(config: ml_collections.ConfigDict) -> dict:
-    """Everything `simulate()` needs, built and checked from the config."""
-    for key in ("rounds", "clients_per_round", "eval_every"):
-        _positive_int(_get(config, key), key)
+    """Everything `simulate()` needs, built from the config after `validate_config` has
+    checked every value (before any data is loaded or anything compiled)."""
+    validate_config(config)
     seed = _get(config, "seed", 0)
     train, test, client_test, info = build_data(config.data, seed)
 
@@ -117,21 +97,12 @@ def build(config: ml_collections.ConfigDict) -> dict:
                       **dict(_get(model_cfg, "args", {}) or {}))
 
     alg = config.algorithm
-    if _get(alg, "name", "fedavg") not in ALGORITHMS:
-        raise UserError(f"config.algorithm.name={alg.name!r} is not known; choose one of "
-                        f"{list(ALGORITHMS)}")
     batch_size = _get(alg, "batch_size", 10)
-    if batch_size is not None:
-        _positive_int(batch_size, "algorithm.batch_size")
     algorithm = fedavg(build_optimizer(alg.client_optimizer, "algorithm.client_optimizer"),
                        build_optimizer(alg.server_optimizer, "algorithm.server_optimizer"),
                        local_epochs=_get(alg, "local_epochs"), local_steps=_get(alg, "local_steps"),
                        batch_size=batch_size, weighting=_get(alg, "weighting", "num_examples"))
     engine_cfg = dict(_get(config, "engine", {}) or {})
-    known = {f.name for f in dataclasses.fields(EngineOptions)}
-    if set(engine_cfg) - known:
-        raise UserError(f"unknown engine option(s) {sorted(set(engine_cfg) - known)}; "
-                        f"known: {sorted(known)}")
     checkpoint = CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **dict(_get(config, "checkpoint", {}) or {})})
     return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
                 eval_data=test, client_eval_data=client_test,

@@ -151,7 +151,6 @@ def _check(value, key: str, rule) -> None:
 
 
 def _positive_int(value, key: str) -> None:
-    # Same wording as experiment._positive_int.
     if not (_is_int(value) and value >= 1):
         raise UserError(f"config.{key} must be an integer >= 1, got {_show(value)}")
 
@@ -272,7 +271,6 @@ def _check_data(config) -> int:
                                             "partition='iid')")
     source = _get(data, "source")
     if not isinstance(source, str) or source not in DATA_SOURCES:
-        # Same wording as experiment.build_data.
         raise UserError(f"config.data.source={source!r} is not a known dataset; choose one of "
                         f"{list(DATA_SOURCES)}")
     if _has(data, "seed"):
@@ -354,7 +352,6 @@ def _check_optimizer(alg, key: str) -> None:
         close = difflib.get_close_matches(name, _optimizer_names(), n=1) \
             if isinstance(name, str) else []
         hint = f"did you mean {close[0]!r}? " if close else ""
-        # Same wording as experiment.build_optimizer.
         raise UserError(f"config.{path}.name={name!r} is not an optax optimizer; {hint}use e.g. "
                         f"'sgd', 'adam', 'yogi', 'adagrad'")
     lr = _get(cfg, "learning_rate")
@@ -368,7 +365,6 @@ def _check_algorithm(config) -> None:
     alg = _section(config, "algorithm", example=", e.g. algorithm=dict(name='fedavg', ...)")
     name = _get(alg, "name", "fedavg")
     if not isinstance(name, str) or name not in ALGORITHMS:
-        # Same wording as experiment.build.
         raise UserError(f"config.algorithm.name={name!r} is not known; choose one of "
                         f"{list(ALGORITHMS)}")
     for key in ("client_optimizer", "server_optimizer"):
@@ -384,7 +380,6 @@ def _check_algorithm(config) -> None:
         _positive_int(steps, "algorithm.local_steps")
     batch_size = _get(alg, "batch_size", 10)
     if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
-        # Same wording as experiment._positive_int, plus what None means.
         raise UserError(f"config.algorithm.batch_size must be an integer >= 1, got "
                         f"{_show(batch_size)} (or None: each client's data as one batch)")
     weighting = _get(alg, "weighting", "num_examples")

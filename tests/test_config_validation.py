@@ -1,0 +1,354 @@
+"""Up-front config validation (fedjax_sim/cli/schema.py): one line per bad value, nothing loaded."""
+
+import dataclasses
+import glob
+import inspect
+import os
+import re
+
+import ml_collections
+import pytest
+
+from fedjax_sim.cli import experiment, schema
+from fedjax_sim.cli.config import load_config
+from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, validate_config
+from fedjax_sim.data.partition import PARTITIONERS
+from fedjax_sim.errors import UserError
+from fedjax_sim.models import zoo
+from fedjax_sim.simulation.checkpoint import CheckpointOptions
+from fedjax_sim.simulation.loop import EngineOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, "*.py")))
+
+
+def _config(overrides=None, name="digits_fedavg"):
+    return load_config(os.path.join(CONFIGS, f"{name}.py"),
+                       {k: str(v) if not isinstance(v, str) else v for k, v in (overrides or {}).items()})
+
+
+def _error(config) -> str:
+    with pytest.raises(UserError) as info:
+        validate_config(config)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# (config file, overrides, expected substring): one case (at least) for every check.
+BAD = [
+    # top level
+    ("digits_fedavg", {"seed": "-1"}, "config.seed must be an integer >= 0, got -1"),
+    ("digits_fedavg", {"seed": "1.5"}, "config.seed must be an integer >= 0, got 1.5"),
+    ("digits_fedavg", {"rounds": "0"}, "config.rounds must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"rounds": "True"}, "config.rounds must be an integer >= 1, got True"),
+    ("digits_fedavg", {"clients_per_round": "2.5"},
+     "config.clients_per_round must be an integer >= 1, got 2.5"),
+    ("digits_fedavg", {"clients_per_round": "0"},
+     "config.clients_per_round must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"eval_every": "None"}, "config.eval_every must be an integer >= 1, got None"),
+    ("digits_fedavg", {"task": "ranking"},
+     "config.task='ranking' is not a known task; choose one of ['classification', 'regression']"),
+    # data
+    ("digits_fedavg", {"data": "3"}, "config.data must be a section"),
+    ("digits_fedavg", {"data.source": "imagenet"},
+     "config.data.source='imagenet' is not a known dataset; choose one of "
+     "['digits', 'diabetes', 'synthetic']"),
+    ("digits_fedavg", {"data.num_clients": "0"}, "config.data.num_clients must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"data.num_clients": "None"},
+     "config.data.num_clients must be an integer >= 1, got None"),
+    ("digits_fedavg", {"data.seed": "'a'"}, "config.data.seed must be an integer >= 0, got 'a'"),
+    ("digits_fedavg", {"data.partition": "zipf"},
+     "config.data.partition='zipf' is not a known partitioner; choose one of "
+     "['dirichlet', 'iid', 'quantity_skew', 'shards']"),
+    ("digits_fedavg", {"data.partition_args": "{'alhpa': 0.5}"},
+     "config.data.partition_args has unknown argument 'alhpa' for partitioner 'dirichlet'; "
+     "did you mean 'alpha'? it takes: alpha, min_size, max_tries"),
+    ("digits_fedavg", {"data.partition_args": "{}"},
+     "config.data.partition_args needs 'alpha' for partitioner 'dirichlet'"),
+    ("digits_fedavg", {"data.partition_args": "{'alpha': 0.5, 'seed': 3}"},
+     "unknown argument 'seed' for partitioner 'dirichlet' (the simulator sets it)"),
+    ("digits_fedavg", {"data.partition": "iid"},
+     "config.data.partition_args has unknown argument 'alpha' for partitioner 'iid'"),
+    ("digits_fedavg", {"data.partition_args": "[0.5]"},
+     "config.data.partition_args must be a dict of keyword arguments, got [0.5]"),
+    ("digits_fedavg", {"data.partition_args.alpha": "0"},
+     "config.data.partition_args.alpha must be a number > 0, got 0"),
+    ("digits_fedavg", {"data.partition_args": "{'alpha': 0.5, 'max_tries': 0}"},
+     "config.data.partition_args.max_tries must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"data.partition": "shards", "data.partition_args": "{'shards_per_client': 0}"},
+     "config.data.partition_args.shards_per_client must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"data.partition": "quantity_skew", "data.partition_args": "{'sigma': -1}"},
+     "config.data.partition_args.sigma must be a number >= 0, got -1"),
+    ("digits_fedavg", {"data.partition": "quantity_skew", "data.partition_args": "{'min_size': -1}"},
+     "config.data.partition_args.min_size must be an integer >= 0, got -1"),
+    ("digits_fedavg", {"data.client_test_fraction": "1.0"},
+     "config.data.client_test_fraction must be a number in [0, 1), got 1.0"),
+    ("digits_fedavg", {"data.client_test_fraction": "-0.1"},
+     "config.data.client_test_fraction must be a number in [0, 1), got -0.1"),
+    ("synthetic_fedavg", {"data.alpha": "-1"}, "config.data.alpha must be a number >= 0, got -1"),
+    ("synthetic_fedavg", {"data.beta": "'big'"}, "config.data.beta must be a number >= 0, got 'big'"),
+    ("synthetic_fedavg", {"data.iid": "'yes'"}, "config.data.iid must be True or False, got 'yes'"),
+    ("synthetic_fedavg", {"data.iid": "True"},
+     "config.data.iid=True needs config.data.alpha=0 and config.data.beta=0"),
+    ("synthetic_fedavg", {"data.num_clients": "0"},
+     "config.data.num_clients must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"clients_per_round": "500"}, "clients_per_round=500 exceeds the 100 clients"),
+    ("synthetic_fedavg", {"clients_per_round": "31"}, "clients_per_round=31 exceeds the 30 clients"),
+    # model
+    ("digits_fedavg", {"model.name": "resnet"},
+     "config.model.name='resnet' is not a zoo model; choose one of "
+     "['cnn', 'logistic_regression', 'mlp']"),
+    ("digits_fedavg", {"model.num_outputs": "0"},
+     "config.model.num_outputs must be None (from the data) or an integer >= 1, got 0"),
+    ("digits_fedavg", {"model.args": "{'hiden': [10]}"},
+     "config.model.args has unknown argument 'hiden' for model 'mlp'; did you mean 'hidden'?"),
+    ("digits_fedavg", {"model.args": "{'num_outputs': 10}"},
+     "unknown argument 'num_outputs' for model 'mlp' (the simulator sets it)"),
+    ("digits_fedavg", {"model.args.hidden": "[0]"},
+     "config.model.args.hidden must be a list of integers >= 1, got [0]"),
+    ("digits_fedavg", {"model.args.hidden": "200"},
+     "config.model.args.hidden must be a list of integers >= 1, got 200"),
+    ("digits_fedavg", {"model.args": "{'dropout': 1.0}"},
+     "config.model.args.dropout must be a number in [0, 1), got 1.0"),
+    ("digits_fedavg", {"model.args.dense_impl": "fast"},
+     "config.model.args.dense_impl must be one of ['auto', 'explicit_transpose', 'xla'], got 'fast'"),
+    ("digits_cnn", {"model.args.conv_impl": "fft"},
+     "config.model.args.conv_impl must be one of ['auto', 'matmul', 'xla'], got 'fft'"),
+    ("synthetic_fedavg", {"model.args": "{'hidden': [10]}"},
+     "unknown argument 'hidden' for model 'logistic_regression'"),
+    # algorithm
+    ("digits_fedavg", {"algorithm.name": "fedprox"},
+     "config.algorithm.name='fedprox' is not known; choose one of ['fedavg']"),
+    ("digits_fedavg", {"algorithm.client_optimizer.name": "sgdd"},
+     "config.algorithm.client_optimizer.name='sgdd' is not an optax optimizer; did you mean 'sgd'?"),
+    ("digits_fedavg", {"algorithm.server_optimizer.name": "chain"},
+     "config.algorithm.server_optimizer.name='chain' is not an optax optimizer"),
+    ("digits_fedavg", {"algorithm.client_optimizer.learning_rate": "-1"},
+     "config.algorithm.client_optimizer.learning_rate must be a number > 0, got -1"),
+    ("digits_fedavg", {"algorithm.server_optimizer.learning_rate": "'high'"},
+     "config.algorithm.server_optimizer.learning_rate must be a number > 0, got 'high'"),
+    ("digits_fedavg", {"algorithm.server_optimizer.args": "{'momentun': 0.9}"},
+     "config.algorithm.server_optimizer.args has unknown argument 'momentun' for optax.sgd; "
+     "did you mean 'momentum'?"),
+    ("digits_fedavg", {"algorithm.server_optimizer.args": "{'learning_rate': 0.9}"},
+     "unknown argument 'learning_rate' for optax.sgd (the simulator sets it)"),
+    ("digits_fedavg", {"algorithm.server_optimizer": "None"},
+     "config.algorithm.server_optimizer is missing"),
+    ("digits_fedavg", {"algorithm.local_steps": "5"},
+     "set exactly one of config.algorithm.local_epochs and config.algorithm.local_steps "
+     "(the other to None), got local_epochs=1, local_steps=5"),
+    ("digits_fedavg", {"algorithm.local_epochs": "None"},
+     "set exactly one of config.algorithm.local_epochs and config.algorithm.local_steps"),
+    ("digits_fedavg", {"algorithm.local_epochs": "0"},
+     "config.algorithm.local_epochs must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"algorithm.local_epochs": "None", "algorithm.local_steps": "2.5"},
+     "config.algorithm.local_steps must be an integer >= 1, got 2.5"),
+    ("digits_fedavg", {"algorithm.batch_size": "0"},
+     "algorithm.batch_size must be an integer >= 1, got 0"),
+    ("digits_fedavg", {"algorithm.batch_size": "-4"},
+     "algorithm.batch_size must be an integer >= 1, got -4"),
+    ("digits_fedavg", {"algorithm.weighting": "equal"},
+     "config.algorithm.weighting='equal' is not known; choose one of ['num_examples', 'uniform']"),
+    # engine
+    ("digits_fedavg", {"engine.unroll": "-2"},
+     "config.engine.unroll must be 'auto', True or an integer >= 1, got -2"),
+    ("digits_fedavg", {"engine.clients_per_chunk": "0"},
+     "config.engine.clients_per_chunk must be 'auto', None or an integer >= 1, got 0"),
+    ("digits_fedavg", {"engine.rounds_per_call": "fast"},
+     "config.engine.rounds_per_call must be 'auto' or an integer >= 1, got 'fast'"),
+    ("digits_fedavg", {"engine": "[1]"}, "config.engine must be a section"),
+    # checkpoint
+    ("digits_fedavg", {"checkpoint.every_rounds": "0"},
+     "config.checkpoint.every_rounds must be None or an integer >= 1, got 0"),
+    ("digits_fedavg", {"checkpoint.every_rounds": "True"},
+     "config.checkpoint.every_rounds must be None or an integer >= 1, got True"),
+    ("digits_fedavg", {"checkpoint.every_seconds": "0"},
+     "config.checkpoint.every_seconds must be None or a number > 0, got 0"),
+    ("digits_fedavg", {"checkpoint.max_to_keep": "0"},
+     "config.checkpoint.max_to_keep must be an integer >= 1, got 0"),
+    # unknown keys below the top level
+    ("digits_fedavg", {"checkpoint": "{'every_round': 5}"},
+     "unknown config key 'checkpoint.every_round'; did you mean 'checkpoint.every_rounds'? "
+     "known keys in config.checkpoint: every_rounds, every_seconds, max_to_keep"),
+    ("digits_fedavg", {"engine": "{'unrol': 2}"},
+     "unknown config key 'engine.unrol'; did you mean 'engine.unroll'? known keys in config.engine: "
+     "clients_per_chunk, rounds_per_call, unroll"),
+    ("digits_fedavg", {"model": "{'name': 'mlp', 'arg': {}}"},
+     "unknown config key 'model.arg'; did you mean 'model.args'?"),
+    ("digits_fedavg", {"data": "{'source': 'digits', 'num_client': 10}"},
+     "unknown config key 'data.num_client'; did you mean 'data.num_clients'?"),
+    ("digits_fedavg", {"algorithm.client_optimizer": "{'name': 'sgd', 'lr': 0.1}"},
+     "unknown config key 'algorithm.client_optimizer.lr'; "),
+]
+
+
+@pytest.mark.parametrize("name,overrides,expected", BAD,
+                         ids=[f"{n}:{','.join(o)}={','.join(o.values())}" for n, o, _ in BAD])
+def test_bad_value_gives_one_line_error(name, overrides, expected):
+    message = _error(_config(overrides, name))
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
+def test_every_shipped_config_validates(path):
+    validate_config(load_config(path))
+
+
+def test_good_variants_validate():
+    for name, overrides in [
+        ("digits_fedavg", {"algorithm.local_epochs": "None", "algorithm.local_steps": "5"}),
+        ("digits_fedavg", {"algorithm.batch_size": "None", "model.num_outputs": "10"}),
+        ("digits_fedavg", {"data.partition": "shards", "data.partition_args": "{'shards_per_client': 3}"}),
+        ("digits_fedavg", {"data.partition": "quantity_skew", "data.partition_args": "{}"}),
+        ("digits_fedavg", {"data.partition": "iid", "data.partition_args": "None",
+                           "data.client_test_fraction": "0"}),
+        ("digits_fedavg", {"data.source": "synthetic"}),  # digits-only keys are ignored
+        ("digits_fedavg", {"engine.unroll": "True", "engine.clients_per_chunk": "None",
+                           "engine.rounds_per_call": "4", "engine": "None"}),
+        ("digits_fedavg", {"checkpoint": "None"}),
+        ("digits_fedavg", {"checkpoint.every_rounds": "5", "checkpoint.every_seconds": "None"}),
+        ("digits_fedavg", {"model.args": "{'hidden': [], 'dropout': 0.5, 'dense_impl': 'xla'}"}),
+        ("digits_cnn", {"model.args.conv_impl": "xla", "model.args.dense_impl": "explicit_transpose"}),
+        ("synthetic_fedavg", {"data.iid": "True", "data.alpha": "0", "data.beta": "0"}),
+        ("digits_fedavg", {"algorithm.server_optimizer": "{'name': 'adam', 'learning_rate': 1e-3, "
+                                                         "'args': {'b1': 0.9}}"}),
+    ]:
+        validate_config(_config(overrides, name))
+
+
+def test_minimal_config_uses_defaults():
+    """seed, task, engine, checkpoint and most section keys are optional."""
+    validate_config(ml_collections.ConfigDict(dict(
+        rounds=1, clients_per_round=2, eval_every=1,
+        data=dict(source="digits", num_clients=5),
+        model=dict(name="logistic_regression"),
+        algorithm=dict(client_optimizer=dict(name="sgd", learning_rate=0.1),
+                       server_optimizer=dict(name="sgd", learning_rate=1.0), local_epochs=1))))
+
+
+def test_missing_sections_and_keys():
+    base = _config().to_dict()
+    for drop, expected in [("data", "config.data is missing"), ("model", "config.model is missing"),
+                           ("algorithm", "config.algorithm is missing"),
+                           ("rounds", "config.rounds is missing")]:
+        config = ml_collections.ConfigDict({k: v for k, v in base.items() if k != drop})
+        assert expected in _error(config)
+    config = _config()
+    del config.data["num_clients"]
+    assert "config.data.num_clients is missing; the 'digits' source needs it" in _error(config)
+    assert "a config must be an ml_collections.ConfigDict" in _error(3)
+
+
+def _write(tmp_path, body: str) -> str:
+    path = tmp_path / "my_config.py"
+    path.write_text("import ml_collections\n\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+                    + "".join(f"    {line}\n" for line in body.strip().splitlines())
+                    + "    return c\n")
+    return str(path)
+
+
+GOOD_BODY = """
+c.seed = 0
+c.rounds = 3
+c.clients_per_round = 10
+c.eval_every = 1
+c.data = dict(source='digits', num_clients=20, partition='iid', partition_args={})
+c.model = dict(name='mlp', num_outputs=None, args=dict(hidden=[16]))
+c.algorithm = dict(name='fedavg', client_optimizer=dict(name='sgd', learning_rate=0.1, args={}),
+                   server_optimizer=dict(name='sgd', learning_rate=1.0, args={}),
+                   local_epochs=1, local_steps=None, batch_size=10, weighting='uniform')
+"""
+
+
+def test_config_file_with_a_typo_key(tmp_path):
+    validate_config(load_config(_write(tmp_path, GOOD_BODY)))
+    typo = GOOD_BODY.replace("c.clients_per_round = 10", "c.clients_per_rond = 10")
+    message = _error(load_config(_write(tmp_path, typo)))
+    assert message.startswith("unknown config key 'clients_per_rond'; did you mean "
+                              "'clients_per_round'? known keys at the top level: "), message
+    for key in schema.TOP_LEVEL_KEYS:
+        assert key in message
+    nested = GOOD_BODY.replace("weighting='uniform'", "weighting='uniform', batchsize=4")
+    assert "unknown config key 'algorithm.batchsize'; did you mean 'algorithm.batch_size'" in \
+        _error(load_config(_write(tmp_path, nested)))
+    extra = GOOD_BODY + "c.checkpoint = dict(max_to_keep=2, every_minutes=5)\n"
+    assert "unknown config key 'checkpoint.every_minutes'" in _error(load_config(_write(tmp_path, extra)))
+
+
+def test_validation_loads_no_data_and_compiles_nothing(monkeypatch):
+    import jax
+
+    import fedjax_sim.data as fdata
+    from fedjax_sim.data import builtin
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("validate_config must not load data or compile")
+
+    for module in (fdata, builtin):
+        for name in ("load_digits", "load_diabetes", "synthetic"):
+            monkeypatch.setattr(module, name, forbidden)
+    monkeypatch.setattr(fdata, "partition", forbidden)
+    monkeypatch.setattr(jax, "jit", forbidden)
+    for path in SHIPPED:
+        validate_config(load_config(path))
+
+
+# -- the schema follows the code ----------------------------------------------------------
+def test_checkpoint_defaults_match_the_code():
+    assert CHECKPOINT_DEFAULTS == dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
+    fields = {f.name: f.default for f in dataclasses.fields(CheckpointOptions)}
+    assert {k: fields[k] for k in CHECKPOINT_DEFAULTS} == CHECKPOINT_DEFAULTS
+
+
+def test_names_match_the_code():
+    assert set(schema.DATA_KEYS) == set(schema.DATA_SOURCES)
+    # Every key build()/build_data() read is one the schema knows.
+    build_data = inspect.getsource(experiment.build_data)
+    read = set(re.findall(r'_get\(cfg, "(\w+)"', build_data))
+    assert read and read <= {k for keys in schema.DATA_KEYS.values() for k in keys}
+    build = inspect.getsource(experiment.build)
+    read = set(re.findall(r'_get\(config, "(\w+)"', build)) | set(re.findall(r"\bconfig\.(\w+)", build))
+    read -= {"to_dict"}
+    assert read and read <= set(schema.TOP_LEVEL_KEYS)
+
+
+def _taken(fn, fixed):
+    return {n for n, p in inspect.signature(fn).parameters.items()
+            if n not in fixed and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def test_every_partitioner_and_model_argument_has_a_rule():
+    for name, fn in PARTITIONERS.items():
+        missing = _taken(fn, schema._PARTITIONER_FIXED) - set(schema.ARG_RULES["partition"])
+        assert not missing, f"partitioner {name!r}: add ARG_RULES['partition'] for {missing}"
+    for name, fn in zoo.ZOO.items():
+        missing = _taken(fn, schema._MODEL_FIXED) - set(schema.ARG_RULES["model"])
+        assert not missing, f"model {name!r}: add ARG_RULES['model'] for {missing}"
+
+
+def _quoted(message):
+    return set(re.findall(r"'(\w+)'", message.split(", got")[0]))
+
+
+def test_allowed_values_match_the_code():
+    from fedjax_sim.algorithms import fedavg
+    from fedjax_sim.models.conv import conv_function
+    from fedjax_sim.models.dense import dense_function
+    import optax
+
+    for fn, allowed in ((dense_function, schema.DENSE_IMPLS), (conv_function, schema.CONV_IMPLS)):
+        for value in allowed:
+            fn(value)
+        with pytest.raises(UserError) as info:
+            fn("no_such_impl")
+        assert _quoted(str(info.value)) == set(allowed)
+    for value in schema.WEIGHTINGS:
+        fedavg(optax.sgd(1.0), weighting=value)
+    with pytest.raises(UserError) as info:
+        fedavg(optax.sgd(1.0), weighting="no_such_weighting")
+    assert _quoted(str(info.value)) == set(schema.WEIGHTINGS)
+    engine_keys = {f.name for f in dataclasses.fields(EngineOptions)}
+    assert "unknown config key 'engine.x'; known keys in config.engine: " + \
+        ", ".join(sorted(engine_keys)) in _error(_config({"engine": "{'x': 1}"}))
