@@ -116,7 +116,10 @@ def test_python_api_resumes_bitwise_and_a_finished_run_is_not_redone(tmp_path):
     assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "cut" / "metrics.jsonl").read_bytes()
     _assert_same_params(full.server_state, resumed.server_state)
     again = _simulate(tmp_path / "cut")  # already complete: nothing is recomputed
-    assert again.summary["resumed_from_round"] == 24 and again.history == full.history
+    assert again.summary == json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert again.summary["seconds_per_round"] == resumed.summary["seconds_per_round"]  # kept
+    assert again.history == full.history
+    _assert_same_params(full.params, again.params)
     # extending a finished run (rounds may change) equals running the longer run at once
     longer = _simulate(tmp_path / "cut", rounds=30)
     straight = _simulate(tmp_path / "longer", rounds=30)

@@ -65,8 +65,9 @@ def _train(args, overrides) -> int:
     final = ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()
                       if k in ("test_accuracy", "test_loss", "test_mse", "client_test_accuracy_mean",
                                "client_test_accuracy_p10"))
-    print(f"done: {summary['rounds']} rounds, {summary['seconds_per_round'] * 1e3:.1f} ms/round "
-          f"(+{summary['compile_seconds']:.1f} s compile); {final}")
+    timing = (f"{summary['seconds_per_round'] * 1e3:.1f} ms/round (+{summary['compile_seconds']:.1f} s "
+              f"compile)" if "seconds_per_round" in summary else "already complete")
+    print(f"done: {summary['rounds']} rounds, {timing}; {final}")
     if args.workdir:
         print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz, checkpoints/")
     else:

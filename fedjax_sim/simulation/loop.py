@@ -349,9 +349,27 @@ def simulate(
             done, history = _resume_checks(meta, run_config, rounds, allow_config_change,
                                            root, ckpt.directory)
             if progress:
-                print(f"resuming from the checkpoint at round {done} in {ckpt.directory}")
+                print(f"the run in {workdir} is already complete ({done} rounds)" if done == rounds
+                      else f"resuming from the checkpoint at round {done} in {ckpt.directory}")
     if workdir:
         _write_json(os.path.join(workdir, "config.json"), run_config)
+
+    if done == rounds and done > 0:  # a finished run: nothing to compute, keep its summary
+        ckpt.close()
+        summary_path = os.path.join(workdir, "summary.json")
+        summary = None
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+        if not summary or summary.get("rounds") != rounds:
+            summary = {"rounds": rounds, "final": {k: v for k, v in history[-1].items()
+                                                   if k.startswith(("test_", "client_test_"))},
+                       "train_loss": history[-1]["train_loss"], "resumed_from_round": done}
+            _write_json(summary_path, summary)
+        _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
+        params = algorithm.params(state.server)
+        export_params(params, os.path.join(workdir, "params.npz"))
+        return Result(params, model_state, state.server, history, summary)
 
     every = checkpoint.every_rounds if ckpt is not None else None
     per_call = min(choice["rounds_per_call"], eval_every, rounds, every or rounds)
