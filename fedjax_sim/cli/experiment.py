@@ -31,10 +31,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models import get_model, get_task
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.cli.schema import ALGORITHMS as _ALGORITHMS
-from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, DATA_SOURCES, validate_config
-
-ALGORITHMS = tuple(_ALGORITHMS)
+from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, validate_config
 
 
 def _get(config, key, default=None):

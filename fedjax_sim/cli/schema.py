@@ -406,17 +406,10 @@ def _check_checkpoint(config) -> None:
     ckpt = _section(config, "checkpoint", required=False)
     if ckpt is None:
         return
-    every_rounds = _get(ckpt, "every_rounds", CHECKPOINT_DEFAULTS["every_rounds"])
-    if every_rounds is not None and not (_is_int(every_rounds) and every_rounds >= 1):
-        raise UserError(f"config.checkpoint.every_rounds must be None or an integer >= 1, got "
-                        f"{_show(every_rounds)}")
-    every_seconds = _get(ckpt, "every_seconds", CHECKPOINT_DEFAULTS["every_seconds"])
-    if every_seconds is not None and not (_is_number(every_seconds) and every_seconds > 0):
-        raise UserError(f"config.checkpoint.every_seconds must be None or a number > 0, got "
-                        f"{_show(every_seconds)}")
-    _check(_get(ckpt, "max_to_keep", CHECKPOINT_DEFAULTS["max_to_keep"]),
-           "checkpoint.max_to_keep", _int_at_least(1))
-    CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **_as_dict(ckpt)})  # the code's own checks
+    try:  # CheckpointOptions checks its own values, with messages naming checkpoint.<key>
+        CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **_as_dict(ckpt)})
+    except UserError as e:
+        raise UserError(f"config.{e}") from None
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

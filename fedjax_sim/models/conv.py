@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedjax_sim.models.kernels import select_kernel
+
 
 def _channels_last(dimension_numbers, ndim: int) -> bool:
     if dimension_numbers is None:
@@ -75,19 +77,8 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                    preferred_element_type=preferred_element_type)
 
 
-def default_conv_impl() -> str:
-    """'matmul' on CPU (see module doc), the XLA convolution on accelerators."""
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
-
-
 def conv_function(impl: str = "auto"):
-    """The `conv_general_dilated` to give `nnx.Conv` for impl 'auto' | 'matmul' | 'xla'."""
-    from fedjax_sim.errors import UserError
-
-    if impl == "auto":
-        impl = default_conv_impl()
-    if impl == "matmul":
-        return matmul_conv
-    if impl == "xla":
-        return lax.conv_general_dilated
-    raise UserError(f"conv_impl must be 'auto', 'matmul' or 'xla', got {impl!r}")
+    """The `conv_general_dilated` to give `nnx.Conv` for impl 'auto' | 'matmul' | 'xla'
+    ('auto': 'matmul' on CPU, see module doc; the XLA convolution on accelerators)."""
+    return select_kernel("conv_impl", impl, {"matmul": matmul_conv, "xla": lax.conv_general_dilated},
+                         cpu_default="matmul")

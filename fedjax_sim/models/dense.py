@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_sim.errors import UserError
+from fedjax_sim.models.kernels import select_kernel
 
 # Per-client operand size up to which the gradient's transpose is made an explicit copy.
 TRANSPOSE_MAX_ELEMENTS = 1 << 16
@@ -97,18 +97,8 @@ def explicit_transpose_dot_general(lhs, rhs, dimension_numbers, precision=None,
     return _matmul(x, rhs).reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
-def default_dense_impl() -> str:
-    """'explicit_transpose' on CPU (see module doc), XLA's dot on accelerators."""
-    return "explicit_transpose" if jax.default_backend() == "cpu" else "xla"
-
-
 def dense_function(impl: str = "auto"):
-    """The `dot_general` to give `nnx.Linear` for impl 'auto' | 'explicit_transpose' | 'xla'."""
-    if impl == "auto":
-        impl = default_dense_impl()
-    if impl == "explicit_transpose":
-        return explicit_transpose_dot_general
-    if impl == "xla":
-        return lax.dot_general
-    raise UserError(f"dense_impl must be 'auto', 'explicit_transpose' or 'xla', got {impl!r} "
-                    "(config: model.args.dense_impl)")
+    """The `dot_general` to give `nnx.Linear` for impl 'auto' | 'explicit_transpose' | 'xla'
+    ('auto': 'explicit_transpose' on CPU, see module doc; XLA's dot on accelerators)."""
+    return select_kernel("dense_impl", impl, {"explicit_transpose": explicit_transpose_dot_general,
+                                              "xla": lax.dot_general}, cpu_default="explicit_transpose")

@@ -64,15 +64,15 @@ class CheckpointOptions:
         if self.every_rounds is not None and (isinstance(self.every_rounds, bool) or
                                               not isinstance(self.every_rounds, int) or
                                               self.every_rounds < 1):
-            raise UserError(f"checkpoint every_rounds must be None or an integer >= 1, got "
+            raise UserError(f"checkpoint.every_rounds must be None or an integer >= 1, got "
                             f"{self.every_rounds!r}")
         if self.every_seconds is not None and (isinstance(self.every_seconds, bool) or
                                                not isinstance(self.every_seconds, (int, float)) or
                                                not self.every_seconds > 0):
-            raise UserError(f"checkpoint every_seconds must be None or a number > 0, got "
+            raise UserError(f"checkpoint.every_seconds must be None or a number > 0, got "
                             f"{self.every_seconds!r}")
         if isinstance(self.max_to_keep, bool) or not isinstance(self.max_to_keep, int) or self.max_to_keep < 1:
-            raise UserError(f"checkpoint max_to_keep must be an integer >= 1, got {self.max_to_keep!r}")
+            raise UserError(f"checkpoint.max_to_keep must be an integer >= 1, got {self.max_to_keep!r}")
 
 
 # -- arrays on the host -------------------------------------------------------------------

@@ -163,8 +163,7 @@ class Result:
         path = os.path.abspath(path)
         if os.path.exists(path):
             raise UserError(f"{path} already exists; Result.save writes a new directory")
-        arrays = to_host({"params": self.params, "model_state": self.model_state,
-                          "server_state": self.server_state})
+        arrays = to_host(self._arrays())
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(os.path.join(path, "arrays"), arrays)
             ckpt.wait_until_finished()
@@ -190,16 +189,19 @@ class Result:
             if template is None:
                 arrays = ckpt.restore(os.path.join(path, "arrays"))
             else:
-                target = to_host({"params": template.params, "model_state": template.model_state,
-                                  "server_state": template.server_state})
+                target = to_host(template._arrays())
                 arrays = ckpt.restore(os.path.join(path, "arrays"), target)
                 if tree_spec(arrays) != tree_spec(target):
                     raise UserError(f"the result saved in {path} does not match the template's "
                                     f"arrays; load it without a template")
-                arrays = from_host({"params": template.params, "model_state": template.model_state,
-                                    "server_state": template.server_state}, arrays)
+                arrays = from_host(template._arrays(), arrays)
         return cls(arrays["params"], arrays["model_state"], arrays["server_state"],
                    meta["history"], meta["summary"])
+
+    def _arrays(self) -> dict:
+        """The arrays `save` writes, as one tree."""
+        return {"params": self.params, "model_state": self.model_state,
+                "server_state": self.server_state}
 
     def export_params(self, path: str) -> None:
         """Writes the final global parameters to a `.npz` file (one array per leaf, named
@@ -362,8 +364,7 @@ def simulate(
             with open(summary_path) as f:
                 summary = json.load(f)
         if not summary or summary.get("rounds") != rounds:
-            summary = {"rounds": rounds, "final": {k: v for k, v in history[-1].items()
-                                                   if k.startswith(("test_", "client_test_"))},
+            summary = {"rounds": rounds, "final": _final_metrics(history[-1]),
                        "train_loss": history[-1]["train_loss"], "resumed_from_round": done}
             _write_json(summary_path, summary)
         _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
@@ -431,11 +432,10 @@ def simulate(
             ckpt.wait()  # a save in flight holds a good state: let it land
             ckpt.close()
 
-    final = {k: v for k, v in history[-1].items() if k.startswith(("test_", "client_test_"))}
     ran = max(done - start_round, 1)
     summary = {
         "rounds": rounds,
-        "final": final,
+        "final": _final_metrics(history[-1]),
         "train_loss": history[-1]["train_loss"],
         "seconds_per_round": train_seconds / ran,
         "compile_seconds": compile_seconds,
@@ -518,19 +518,25 @@ def _prepare_workdir(workdir):
         raise UserError(f"cannot create workdir {workdir} ({e.strerror}); choose a writable path") from None
 
 
-def _write_json(path, value):
+def _final_metrics(row: dict) -> dict:
+    """The evaluation metrics of a (last) metrics row."""
+    return {k: v for k, v in row.items() if k.startswith(("test_", "client_test_"))}
+
+
+def _atomic_write(path, text: str):
+    """Writes `path` whole or not at all (a crash leaves the previous file)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, default=str)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_json(path, value):
+    _atomic_write(path, json.dumps(value, indent=2, default=str))
 
 
 def _rewrite_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    _atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _describe(value, depth=0):

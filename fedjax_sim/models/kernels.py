@@ -1,0 +1,21 @@
+"""Choosing a layer's kernel implementation by name ('auto' picks by backend)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from fedjax_sim.errors import UserError
+
+
+def select_kernel(option: str, impl: str, kernels: dict[str, Callable], cpu_default: str) -> Callable:
+    """The kernel named `impl` among `kernels`; 'auto' means `cpu_default` on CPU and 'xla'
+    on accelerators. `option` names the model argument in the error message."""
+    if impl == "auto":
+        impl = cpu_default if jax.default_backend() == "cpu" else "xla"
+    if impl not in kernels:
+        names = ["auto", *kernels]
+        allowed = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+        raise UserError(f"{option} must be {allowed}, got {impl!r} (config: model.args.{option})")
+    return kernels[impl]
