@@ -247,7 +247,7 @@ def test_chain_of_aggregator_parts_equals_parts_applied_by_hand():
     model = logistic_regression((6,), 3)
     alg = fs.algorithms.fedavg(optax.sgd(0.2), batch_size=3, weighting="uniform")
     halve = fs.aggregators.part(client=lambda d, s, r: (jax.tree_util.tree_map(lambda x: 0.5 * x, d), {}))
-    shift = fs.aggregators.part(finalize=lambda t, den, s, r: (
+    shift = fs.aggregators.part(finalize=lambda t, den, reports, s, r: (
         jax.tree_util.tree_map(lambda x: x + den * 0.01, t), den, s, {"shifted": jnp.float32(1)}))
     plain = fs.simulate(model, alg, data, rounds=1, clients_per_round=4, seed=0, progress=False)
     chained = fs.simulate(model, alg, data, rounds=1, clients_per_round=4, seed=0, progress=False,

@@ -8,8 +8,17 @@ where T runs once per client inside the vmap (clipping, quantization, ...) and f
 runs once on the float32 sum (noise, ...). The default denominator is sum_i w_i, i.e. the
 weighted mean; a part may replace it (a DP part divides by a fixed public count).
 
+Besides the transformed delta, a client transform reports per-client scalars (e.g. whether
+it clipped). The engine sums each report over the clients that took part in the round and
+hands the sums to `finalize` in `reports`, with `reports["clients"]` = their number, and
+logs each report's mean over those clients as a metric (names starting with `_` are not
+logged). Within a `chain`, each finalizer also sees the metrics of the finalizers before
+it in `reports` (so `gaussian` reads the clip norm that `clip` used this round).
+
 An `AggregatorPart` is a triple of pure functions with explicit state, and `chain`
-composes parts: client transforms apply in order, finalizers in order on the sum.
+composes parts: client transforms apply in order, finalizers in order on the sum. The
+differentially private parts (`clip`, `adaptive_clip`, `gaussian`, `dp_fedavg`) are in
+`fedjax_sim.aggregators.dp`.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ class AggregatorPart(NamedTuple):
     """One stage of aggregation.
 
     init(params) -> state
-    client(delta, state, rng) -> (delta, per_client_metrics: dict of scalars)
-    finalize(total, denominator, state, rng) -> (total, denominator, state, metrics)
+    client(delta, state, rng) -> (delta, report: dict of per-client scalars)
+    finalize(total, denominator, reports, state, rng) -> (total, denominator, state, metrics)
     """
 
     init: Callable[[PyTree], PyTree]
@@ -40,8 +49,8 @@ def _no_client(delta, state, rng):
     return delta, {}
 
 
-def _no_finalize(total, denominator, state, rng):
-    del rng
+def _no_finalize(total, denominator, reports, state, rng):
+    del reports, rng
     return total, denominator, state, {}
 
 
@@ -72,12 +81,14 @@ def chain(*parts: AggregatorPart) -> AggregatorPart:
             metrics.update(m)
         return delta, metrics
 
-    def finalize(total, denominator, state, rng):
-        new_state, metrics = [], {}
+    def finalize(total, denominator, reports, state, rng):
+        new_state, metrics, seen = [], {}, dict(reports)
         for i, (p, s) in enumerate(zip(parts, state)):
-            total, denominator, s, m = p.finalize(total, denominator, s, jax.random.fold_in(rng, i))
+            total, denominator, s, m = p.finalize(total, denominator, seen, s,
+                                                  jax.random.fold_in(rng, i))
             new_state.append(s)
             metrics.update(m)
+            seen.update(m)
         return total, denominator, tuple(new_state), metrics
 
     return AggregatorPart(init, client, finalize)
@@ -89,4 +100,7 @@ def divide(total: PyTree, denominator: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x / safe, total)
 
 
-__all__ = ["AggregatorPart", "weighted_mean", "part", "chain", "divide"]
+from fedjax_sim.aggregators.dp import adaptive_clip, clip, dp_fedavg, gaussian, global_norm  # noqa: E402
+
+__all__ = ["AggregatorPart", "weighted_mean", "part", "chain", "divide", "clip", "adaptive_clip",
+           "gaussian", "dp_fedavg", "global_norm"]

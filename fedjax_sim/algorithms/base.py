@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
+from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
 
 PyTree = Any
 
@@ -31,12 +32,18 @@ class ClientOutput(NamedTuple):
 
 
 class Problem(NamedTuple):
-    """The model and task bound together as a masked loss over a batch."""
+    """The model and task bound together as a masked loss over a batch.
+
+    With `example_noise` set, `gradient` is DP-SGD's clipped and noised gradient
+    (privacy.dp_sgd); the engine sets `num_examples` to the client's dataset size.
+    """
 
     model: Model
     task: Task
     model_state: PyTree
     input_key: str
+    example_noise: ExampleNoise | None = None
+    num_examples: jax.Array | None = None
 
     def loss(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):
         """Mean per-example loss over the real examples of `batch`, and metric sums.
@@ -47,6 +54,17 @@ class Problem(NamedTuple):
                                       train=True, rng=rng)
         sums = self.task.masked_sums(outputs, batch[self.task.label_key], mask)
         return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+    def gradient(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):
+        """(gradient of the mean loss, metric sums): what a client step descends along.
+
+        Under example-level DP this is the DP-SGD gradient, which also sums
+        `dp_clipped_fraction` (examples clipped).
+        """
+        if self.example_noise is None:
+            return jax.grad(self.loss, has_aux=True)(params, batch, mask, rng)
+        return private_gradient(self.loss, self.example_noise, params, batch, mask, rng,
+                                self.num_examples)
 
 
 class Algorithm:

@@ -58,11 +58,10 @@ class FedAvg(Algorithm):
 
     def client_update(self, problem: Problem, broadcast, local, rng) -> ClientOutput:
         opt = self.client_optimizer
-        grad_fn = jax.grad(problem.loss, has_aux=True)
 
         def step(carry, batch, mask, key):
             params, opt_state = carry
-            grads, metrics = grad_fn(params, batch, mask, key)
+            grads, metrics = problem.gradient(params, batch, mask, key)
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), metrics
 

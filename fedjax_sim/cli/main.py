@@ -1,6 +1,8 @@
 """The `fedjax-sim` command.
 
     fedjax-sim train --config configs/digits_fedavg.py [--config.KEY=VALUE ...] --workdir DIR
+    fedjax-sim privacy --noise-multiplier Z | --epsilon EPS  --sampling-rate Q | --clients-per-round M
+                       --rounds T --delta D [--population N] [--accountant rdp|pld] [--json]
 
 Re-running the same command on the same --workdir resumes from the last checkpoint there.
 
@@ -15,6 +17,7 @@ import json
 import sys
 import warnings
 
+from fedjax_sim.cli.privacy import add_privacy_parser, run_privacy
 from fedjax_sim.errors import UserError
 
 
@@ -51,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                             "the one it was started with")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_privacy_parser(sub)
     return parser
 
 
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if args.command == "train":
             return _train(args, overrides)
+        if args.command == "privacy":
+            return run_privacy(args)
     except UserError as e:
         if debug:
             raise

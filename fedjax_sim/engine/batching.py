@@ -13,6 +13,13 @@ Two ways to say how long a client trains:
   E*ceil(n_i/B) real steps; S = E*ceil(n_max/B).
 - `local_steps=S`: exactly S batches of B examples each, walking through the client's
   shuffled examples and wrapping around (each pass starts at a fresh random offset).
+
+A third kind, for DP-SGD, is Poisson sampling (`sampling_rate=q`): at every step each of
+the client's examples joins the batch independently with probability q, and the batch is
+capped at B examples (a uniformly random subset of those that joined is kept when more
+join). S = local_steps, or ceil(E / q) for E expected epochs. Every step of such a
+schedule is live, even one whose batch came out empty: DP-SGD's noise is added whatever
+the batch holds.
 """
 
 from __future__ import annotations
@@ -33,11 +40,17 @@ class Schedule(NamedTuple):
     num_steps: int  # S
     local_epochs: int | None
     local_steps: int | None
+    sampling_rate: float | None = None  # Poisson sampling of examples (DP-SGD)
 
 
 def make_schedule(max_client_size: int, *, batch_size: int | None,
-                  local_epochs: int | None, local_steps: int | None) -> Schedule:
-    """Fixes B and S from the largest client. `batch_size=None` means full-batch."""
+                  local_epochs: int | None, local_steps: int | None,
+                  sampling_rate: float | None = None) -> Schedule:
+    """Fixes B and S from the largest client. `batch_size=None` means full-batch.
+
+    With `sampling_rate=q` (Poisson batches), `batch_size` is the cap on a batch (at most
+    the largest client's size) and S = local_steps or ceil(local_epochs / q).
+    """
     if (local_epochs is None) == (local_steps is None):
         raise UserError("set exactly one of local_epochs and local_steps "
                         f"(got local_epochs={local_epochs}, local_steps={local_steps})")
@@ -51,6 +64,11 @@ def make_schedule(max_client_size: int, *, batch_size: int | None,
     if max_client_size <= 0:
         raise UserError("every client has 0 examples; nothing to train on")
     b = max_client_size if batch_size is None else int(batch_size)
+    if sampling_rate is not None:
+        if not 0 < sampling_rate <= 1:
+            raise UserError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+        steps = int(local_steps) if local_steps is not None else math.ceil(local_epochs / sampling_rate)
+        return Schedule(min(b, max_client_size), steps, local_epochs, local_steps, float(sampling_rate))
     if local_epochs is not None:
         steps = local_epochs * math.ceil(max_client_size / b)
     else:
@@ -66,6 +84,8 @@ RANK_MAX_SLOTS = 128
 
 def bits_needed(schedule: Schedule, max_client_size: int) -> int:
     """How many random uint32 words `client_batches` consumes for one client."""
+    if schedule.sampling_rate is not None:
+        return schedule.num_steps * max_client_size
     if schedule.local_epochs is not None:
         return schedule.num_steps * schedule.batch_size  # E epochs x slots per epoch
     return max_client_size + schedule.num_steps * schedule.batch_size
@@ -103,6 +123,29 @@ def _shuffle(bits: jax.Array, n: jax.Array, length: int) -> jax.Array:
     return _ranks(keys)
 
 
+def poisson_sample(bits: jax.Array, rate: float, n: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+    """Poisson sampling of slots [0, n) of `bits` ([L] random uint32), capped at `cap`.
+
+    Slot j < n joins when bits[j] < floor(rate * 2^32), i.e. with probability at most
+    `rate` (never above it, so an accountant told `rate` is never optimistic). Returns
+    (slots [cap] int32, mask [cap] bool): the joined slots, and when more than `cap`
+    joined, the `cap` of them with the smallest bits; those bits are i.i.d. uniform below
+    the threshold, so this keeps a uniformly random subset. Unused entries are masked.
+    """
+    length = bits.shape[-1]
+    pos = jnp.arange(length, dtype=jnp.int32)
+    if rate >= 1:
+        joined = pos < n
+    else:
+        joined = (bits < jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))) & (pos < n)
+    if cap >= length:
+        return pos, joined
+    # Joined slots sort by 30 random bits, the rest after them by position.
+    keys = jnp.where(joined, (bits >> 2).astype(jnp.int32), jnp.int32(1 << 30) + pos)
+    neg, slots = jax.lax.top_k(-keys, cap)
+    return slots.astype(jnp.int32), -neg < (1 << 30)
+
+
 def client_batches(schedule: Schedule, bits: jax.Array, n: jax.Array,
                    max_client_size: int) -> tuple[jax.Array, jax.Array]:
     """Local row indices `[S, B]` (in [0, n)) and the example mask `[S, B]` of one client.
@@ -110,6 +153,9 @@ def client_batches(schedule: Schedule, bits: jax.Array, n: jax.Array,
     `bits` are `bits_needed(...)` random uint32 words (see engine.round.client_randomness).
     """
     b, s = schedule.batch_size, schedule.num_steps
+    if schedule.sampling_rate is not None:
+        return jax.vmap(lambda w: poisson_sample(w, schedule.sampling_rate, n, b))(
+            bits.reshape(s, max_client_size))
     if schedule.local_epochs is not None:
         epochs = schedule.local_epochs
         per_epoch = s // epochs  # = ceil(n_max / B)

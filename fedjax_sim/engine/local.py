@@ -27,8 +27,12 @@ class LocalData:
     """
 
     def __init__(self, data: dict, offset: jax.Array, idx: jax.Array, mask: jax.Array,
-                 num_examples: jax.Array, client_id: jax.Array, unroll: int | bool):
+                 num_examples: jax.Array, client_id: jax.Array, unroll: int | bool,
+                 live: jax.Array | None = None):
         self._data, self._offset, self._idx, self._mask = data, offset, idx, mask
+        # Which steps run: by default those whose batch holds a real example; Poisson
+        # (DP-SGD) schedules run every step of a non-empty client.
+        self._live = jnp.any(mask, axis=1) if live is None else live
         self.num_examples = num_examples
         self.client_id = client_id
         self._unroll = unroll
@@ -38,14 +42,14 @@ class LocalData:
         return self._idx.shape[0]
 
     def real_steps(self) -> jax.Array:
-        """How many of the static steps hold at least one real example."""
-        return jnp.sum(jnp.any(self._mask, axis=1)).astype(jnp.int32)
+        """How many of the static steps run (by default: hold at least one real example)."""
+        return jnp.sum(self._live).astype(jnp.int32)
 
     def run(self, step: StepFn, carry: PyTree, key: jax.Array) -> tuple[PyTree, dict]:
         """Runs `step` over the client's batches; returns the carry and summed metrics.
 
-        A step whose batch holds no real example leaves the carry exactly unchanged and
-        adds nothing to the metrics.
+        A step that does not run (by default: whose batch holds no real example) leaves the
+        carry exactly unchanged and adds nothing to the metrics.
         """
 
         def body(state, s):
@@ -54,7 +58,7 @@ class LocalData:
             batch = {k: jnp.take(v, rows, axis=0, mode="clip") for k, v in self._data.items()}
             mask = self._mask[s]
             new_carry, metrics = step(carry, batch, mask, jax.random.fold_in(key, s))
-            live = jnp.any(mask)
+            live = self._live[s]
             carry = jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), new_carry, carry)
             sums = jax.tree_util.tree_map(lambda acc, m: acc + jnp.where(live, m, 0), sums, metrics)
             return (carry, sums), None

@@ -1,7 +1,8 @@
 """A federated round as ONE compiled program, and several rounds fused into one call.
 
     round r:  key_r = fold_in(root, r)
-              cohort = m clients sampled uniformly without replacement
+              cohort = m clients sampled uniformly without replacement, or Poisson
+                       sampling (each client joins with probability q) padded to m slots
               for each client i in the cohort (vmapped / chunked / mapped):
                   batches from fold_in(key_clients, client_id)
                   delta_i, metrics_i = algorithm.client_update(...)
@@ -27,11 +28,26 @@ import jax.numpy as jnp
 
 from fedjax_sim.aggregators import AggregatorPart, divide
 from fedjax_sim.algorithms.base import Algorithm, Problem
-from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches
+from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.local import LocalData
 
 PyTree = Any
+
+
+class ClientSampling(NamedTuple):
+    """How a round's cohort is drawn.
+
+    'fixed': `slots` clients uniformly without replacement. 'poisson': every client joins
+    independently with probability `rate`; the joined clients fill the `slots` (a cap,
+    chosen so that overflow is vanishingly rare; if more join, a uniformly random subset
+    of `slots` of them is kept) and empty slots hold a client with weight 0 whose work is
+    discarded, so shapes stay static.
+    """
+
+    kind: str  # 'fixed' | 'poisson'
+    slots: int
+    rate: float | None = None
 
 
 class SimState(NamedTuple):
@@ -92,6 +108,7 @@ class RoundDraws(NamedTuple):
     """
 
     cohort: jax.Array  # [m] client ids
+    live: jax.Array  # [m] bool: the slot holds a client of this round (Poisson padding: False)
     k_clients: jax.Array  # the round's client key
     k_agg: jax.Array  # the aggregator's round key
     clients: tuple | None = None
@@ -102,11 +119,13 @@ class RoundProgram:
 
     def __init__(self, algorithm: Algorithm, problem: Problem, aggregator: AggregatorPart,
                  schedule: Schedule, *, num_clients: int, max_client_size: int,
-                 clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool):
+                 clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool,
+                 sampling: ClientSampling | None = None):
         self.algorithm, self.problem, self.aggregator = algorithm, problem, aggregator
         self.schedule = schedule
         self.num_clients, self.max_client_size = num_clients, max_client_size
-        self.clients_per_round = clients_per_round
+        self.sampling = sampling or ClientSampling("fixed", clients_per_round)
+        self.clients_per_round = self.sampling.slots
         self.clients_per_chunk, self.unroll = clients_per_chunk, unroll
         self._jit = jax.jit(self._run_rounds, static_argnames=("max_rounds",),
                             donate_argnames=("state",))
@@ -158,10 +177,26 @@ class RoundProgram:
     def _draw_round(self, root, r, *, per_client: bool) -> RoundDraws:
         """Round r's cohort and keys, and with `per_client` every cohort client's draws."""
         k_sample, k_clients, k_agg = split_round_key(root, r)
-        cohort = jax.random.choice(k_sample, self.num_clients, (self.clients_per_round,),
-                                   replace=False).astype(jnp.int32)
+        if self.sampling.kind == "poisson":
+            bits = jax.random.bits(k_sample, (self.num_clients,), jnp.uint32)
+            cohort, live = poisson_sample(bits, self.sampling.rate, jnp.int32(self.num_clients),
+                                          self.clients_per_round)
+        else:
+            cohort = jax.random.choice(k_sample, self.num_clients, (self.clients_per_round,),
+                                       replace=False).astype(jnp.int32)
+            live = jnp.ones(self.clients_per_round, bool)
         clients = jax.vmap(self._client_draws, in_axes=(None, 0))(k_clients, cohort) if per_client else None
-        return RoundDraws(cohort, k_clients, k_agg, clients)
+        return RoundDraws(cohort, live, k_clients, k_agg, clients)
+
+    def cohorts(self, root: jax.Array, start: int, count: int) -> tuple[jax.Array, jax.Array]:
+        """The cohorts of rounds start .. start+count-1: ([count, m] ids, [count, m] live),
+        exactly as the rounds draw them (for participation counts kept on the host)."""
+        if not hasattr(self, "_cohorts_jit"):
+            def draw(root, rounds):
+                drawn = jax.vmap(lambda r: self._draw_round(root, r, per_client=False))(rounds)
+                return drawn.cohort, drawn.live
+            self._cohorts_jit = jax.jit(draw)
+        return self._cohorts_jit(root, jnp.arange(start, start + count, dtype=jnp.int32))
 
     def _client_draws(self, k_clients, cid):
         return client_randomness(k_clients, cid, bits_needed(self.schedule, self.max_client_size))
@@ -187,29 +222,40 @@ class RoundProgram:
         broadcast = algorithm.broadcast(state.server)
 
         def client(per_client):
-            cid, drawn_for_client = per_client
+            cid, live, drawn_for_client = per_client
             k_train, k_agg_client, bits = (drawn_for_client if drawn_for_client is not None
                                            else self._client_draws(drawn.k_clients, cid))
             n = data.sizes[cid]
             idx, mask = client_batches(self.schedule, bits, n, self.max_client_size)
-            local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll)
-            out = algorithm.client_update(problem, broadcast, local, k_train)
-            delta, agg_metrics = aggregator.client(out.delta, state.aggregator, k_agg_client)
-            return algorithm.client_weight(n), delta, (out.metrics, agg_metrics)
+            steps_live = (jnp.broadcast_to(n > 0, (self.schedule.num_steps,))
+                          if self.schedule.sampling_rate is not None else None)
+            local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
+                              live=steps_live)
+            out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local, k_train)
+            delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
+            # A padding slot (Poisson sampling) weighs nothing and reports nothing.
+            weight = jnp.where(live, algorithm.client_weight(n), 0.0)
+            keep = lambda tree: jax.tree_util.tree_map(lambda v: jnp.where(live, v, 0), tree)
+            return weight, delta, (keep(out.metrics), keep(report))
 
-        total, denominator, (train_sums, client_agg) = map_clients(
-            client, (cohort, drawn.clients), self.clients_per_chunk)
+        total, denominator, (train_sums, client_reports) = map_clients(
+            client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
+        num_live = jnp.sum(drawn.live.astype(jnp.float32))
+        reports = {k: jnp.sum(v) for k, v in client_reports.items()}
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
-            total, denominator, state.aggregator, drawn.k_agg)
+            total, denominator, {**reports, "clients": num_live}, state.aggregator, drawn.k_agg)
         server = algorithm.server_update(state.server, divide(total, denominator))
 
         # Training metrics are means over every example processed by the cohort this round;
-        # the aggregator's per-client metrics are means over clients.
+        # the aggregator's per-client reports are means over the round's clients.
         count = jnp.sum(train_sums["count"])
         metrics = {f"train_{k}": jnp.sum(v) / jnp.maximum(count, 1.0)
                    for k, v in train_sums.items() if k != "count"}
-        metrics["cohort_examples"] = jnp.sum(data.sizes[cohort])
-        metrics.update({k: jnp.mean(v) for k, v in client_agg.items()})
+        metrics["cohort_examples"] = jnp.sum(jnp.where(drawn.live, data.sizes[cohort], 0))
+        if self.sampling.kind == "poisson":
+            metrics["cohort_size"] = num_live.astype(jnp.int32)
+        metrics.update({k: v / jnp.maximum(num_live, 1.0) for k, v in reports.items()
+                        if not k.startswith("_")})
         metrics.update(agg_metrics)
         # For the host's divergence guard (not logged): are the new global parameters finite?
         leaves = [x for x in jax.tree_util.tree_leaves(algorithm.params(server))

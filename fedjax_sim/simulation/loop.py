@@ -31,6 +31,7 @@ from fedjax_sim.simulation.checkpoint import (CheckpointOptions, RunCheckpoints,
                                               config_differences, export_params, from_host,
                                               to_host, tree_spec)
 from fedjax_sim.simulation.evaluation import CentralEvaluator, ClientEvaluator, summarize_clients
+from fedjax_sim.simulation.private import PrivatePlan, warn_stop
 
 PyTree = Any
 # On CPU, local loops of at most this many steps are fully unrolled by default.
@@ -250,6 +251,7 @@ def simulate(
     eval_batch_size: int = 256,
     seed: int = 0,
     aggregator: AggregatorPart | None = None,
+    privacy=None,
     engine: EngineOptions = EngineOptions(),
     input_key: str = "x",
     workdir: str | None = None,
@@ -274,6 +276,10 @@ def simulate(
       eval_every: evaluate after every this many rounds, and after the last.
       seed: the one root of all randomness (init, sampling, shuffling, dropout).
       aggregator: aggregator part(s) (default: weighted mean).
+      privacy: `fedjax_sim.privacy.ClientLevelDP(...)` (DP-FedAvg: clipped and noised
+        updates, Poisson client sampling by default) or `ExampleLevelDP(...)` (DP-SGD in
+        every client). Each round's `epsilon` is logged; `target_epsilon` stops training
+        before it would be exceeded (the summary's `stopped` says so).
       engine: execution strategy (default: chosen by backend and model).
       workdir: if given, `metrics.jsonl`, `summary.json` and the final `params.npz` are
         written there, and checkpoints in `workdir/checkpoints` (see `checkpoint`). If that
@@ -292,11 +298,22 @@ def simulate(
         `data` entry (e.g. how targets were standardised).
     """
     task = task or classification()
-    aggregator = aggregator or weighted_mean()
     _check_inputs(model, train_data, rounds, clients_per_round, eval_every, task, input_key)
-    schedule = make_schedule(train_data.max_client_size, batch_size=getattr(algorithm, "batch_size", None),
-                             local_epochs=getattr(algorithm, "local_epochs", None),
-                             local_steps=getattr(algorithm, "local_steps", None))
+    plan = None
+    if privacy is not None:
+        plan = PrivatePlan(privacy, algorithm=algorithm, aggregator=aggregator,
+                           num_clients=train_data.num_clients, clients_per_round=clients_per_round,
+                           max_client_size=train_data.max_client_size, rounds=rounds)
+        aggregator = plan.aggregator
+    aggregator = aggregator or weighted_mean()
+    schedule = make_schedule(train_data.max_client_size, **{
+        "batch_size": getattr(algorithm, "batch_size", None),
+        "local_epochs": getattr(algorithm, "local_epochs", None),
+        "local_steps": getattr(algorithm, "local_steps", None),
+        **(plan.schedule_args if plan else {})})
+    if plan:
+        plan.set_steps_per_round(schedule.num_steps)
+        plan.check_budget(rounds)
 
     root = jax.random.key(seed)
     params, model_state = model.init(jax.random.fold_in(root, 0x1A17))
@@ -315,16 +332,20 @@ def simulate(
         task.check(tuple(out_shape), np.asarray(train_data.features[task.label_key]))
 
     backend = jax.default_backend()
-    problem = Problem(model, task, model_state, input_key)
+    problem = Problem(model, task, model_state, input_key,
+                      example_noise=plan.example_noise if plan else None)
+    sampling = plan.sampling if plan else None
+    slots = sampling.slots if sampling else clients_per_round
     choice = resolve_engine(engine, backend=backend,
                             conv=has_convolution(model, params, model_state, example_x),
-                            num_steps=schedule.num_steps, clients_per_round=clients_per_round,
+                            num_steps=schedule.num_steps, clients_per_round=slots,
                             step_flops=client_step_flops(problem, params, example_batch))
     program = RoundProgram(algorithm, problem, aggregator, schedule,
                            num_clients=train_data.num_clients,
                            max_client_size=train_data.max_client_size,
                            clients_per_round=clients_per_round,
-                           clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"])
+                           clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"],
+                           sampling=sampling)
     data = DeviceData.from_federated(train_data)
     central = CentralEvaluator(model, task, eval_data, input_key=input_key,
                                batch_size=eval_batch_size) if eval_data is not None else None
@@ -340,7 +361,8 @@ def simulate(
     run_config = config if config is not None else describe_run(
         model=model, algorithm=algorithm, train_data=train_data, task=task, aggregator=aggregator,
         clients_per_round=clients_per_round, eval_every=eval_every, seed=seed, engine=engine,
-        input_key=input_key, eval_data=eval_data, client_eval_data=client_eval_data)
+        input_key=input_key, eval_data=eval_data, client_eval_data=client_eval_data,
+        privacy=privacy)
     history: list[dict] = []
     done = 0
     if ckpt is not None:
@@ -353,10 +375,17 @@ def simulate(
             if progress:
                 print(f"the run in {workdir} is already complete ({done} rounds)" if done == rounds
                       else f"resuming from the checkpoint at round {done} in {ckpt.directory}")
+    # Training ends at `end`: `rounds`, or earlier where the privacy budget runs out (known
+    # up front at the client level; checked before every call at the example level).
+    end = rounds
+    if plan:
+        plan.recount(program, root, done)
+        if plan.level == "client":
+            end = done + plan.affordable(done, rounds - done)
     if workdir:
         _write_json(os.path.join(workdir, "config.json"), run_config)
 
-    if done == rounds and done > 0:  # a finished run: nothing to compute, keep its summary
+    if done == end and done > 0:  # a finished run: nothing to compute, keep its summary
         ckpt.close()
         summary_path = os.path.join(workdir, "summary.json")
         summary = None
@@ -366,7 +395,13 @@ def simulate(
         if not summary or summary.get("rounds") != rounds:
             summary = {"rounds": rounds, "final": _final_metrics(history[-1]),
                        "train_loss": history[-1]["train_loss"], "resumed_from_round": done}
+            if plan:
+                summary["privacy"] = plan.summary(done)
+            if done < rounds:
+                summary["stopped"] = plan.stop_message(done)
             _write_json(summary_path, summary)
+        if summary.get("stopped") and progress:
+            print(summary["stopped"])
         _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
         params = algorithm.params(state.server)
         export_params(params, os.path.join(workdir, "params.npz"))
@@ -388,11 +423,19 @@ def simulate(
     saved_round, last_save = done, time.perf_counter()
     start_round = done
     target = 1 if choice["adaptive_rounds_per_call"] else per_call  # first call: measure
+    stopped = None
     try:
-        while done < rounds:
-            count = min(target, rounds - done, eval_every - done % eval_every)
+        while done < end:
+            count = min(target, end - done, eval_every - done % eval_every)
             if every:
                 count = min(count, every - done % every)
+            last = done + count == end
+            if plan and plan.level == "example":
+                allowed = plan.affordable(done, count)
+                if allowed == 0:
+                    break
+                if allowed < count:
+                    count, last = allowed, True
             t1 = time.perf_counter()
             state, metrics = run(state, data, model_state, root, done, count)
             metrics = jax.device_get(metrics)
@@ -404,6 +447,10 @@ def simulate(
             finite = np.asarray(metrics.pop("_params_finite"))
             rows = [{"round": done + i + 1, **{k: _scalar(v[i]) for k, v in metrics.items()}}
                     for i in range(count)]
+            if plan:
+                for row, eps in zip(rows, plan.epsilon_rows(done + 1, count,
+                                                            plan.record(program, root, done, count))):
+                    row["epsilon"] = eps
             bad = _first_divergence(rows, finite)
             if bad is not None:
                 i, what = bad
@@ -413,12 +460,12 @@ def simulate(
                 raise UserError(f"training diverged at round {rows[i]['round']} ({what}); lower the "
                                 f"client or server learning rate{last_good}")
             done += count
-            if done % eval_every == 0 or done == rounds:
+            if done % eval_every == 0 or last:
                 rows[-1].update(_evaluate(algorithm.params(state.server), model_state,
                                           central, per_client))
             _log(rows, history, writer, callback)
             bar.update(count, rows[-1], (done - start_round) / max(train_seconds, 1e-9))
-            if ckpt is not None and (done == rounds or (every and done % every == 0) or (
+            if ckpt is not None and (last or (every and done % every == 0) or (
                     checkpoint.every_seconds is not None
                     and time.perf_counter() - last_save >= checkpoint.every_seconds)):
                 ckpt.save(done, _checkpoint_tree(state, model_state),
@@ -432,6 +479,9 @@ def simulate(
             ckpt.wait()  # a save in flight holds a good state: let it land
             ckpt.close()
 
+    if done < rounds:
+        stopped = plan.stop_message(done)
+        warn_stop(stopped)
     ran = max(done - start_round, 1)
     summary = {
         "rounds": rounds,
@@ -446,6 +496,10 @@ def simulate(
         "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
                  "max_client_size": train_data.max_client_size, **(metadata or {})},
     }
+    if plan:
+        summary["privacy"] = plan.summary(done)
+    if stopped:
+        summary["stopped"] = stopped
     params = algorithm.params(state.server)
     if workdir:
         _write_json(os.path.join(workdir, "summary.json"), summary)
@@ -564,7 +618,8 @@ def _data_digest(data) -> str | None:
 
 
 def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_round,
-                 eval_every, seed, engine, input_key, eval_data, client_eval_data) -> dict:
+                 eval_every, seed, engine, input_key, eval_data, client_eval_data,
+                 privacy=None) -> dict:
     """What identifies a run of `simulate()` when no config is given: checked on resume.
 
     Optimizer hyperparameters live inside optax closures and cannot be seen here; pass
@@ -578,6 +633,7 @@ def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_
         "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
                  "digest": _data_digest(train_data)},
         "eval_data": _data_digest(eval_data), "client_eval_data": _data_digest(client_eval_data),
+        "privacy": _describe(privacy),
     }
 
 

@@ -1,0 +1,259 @@
+"""What a run under differential privacy adds to `simulate()`: the DP aggregator or DP-SGD
+gradient, Poisson sampling, and the accountant that reports ε and enforces a budget.
+
+Client level (`ClientLevelDP`): one round is one application of a sampled Gaussian
+mechanism on the clients, so ε after t rounds is `Accountant.epsilon(t)`, the same for
+every run of the config and known before training.
+
+Example level (`ExampleLevelDP`): one local step is one application on a client's
+examples, and a client's examples are only touched in rounds the client takes part in.
+ε after a round is that of the client with the most participations p: ε(p · S) for S
+local steps per participation. Participation is counted on the host from the rounds'
+cohorts (`RoundProgram.cohorts`), so a resumed run recounts it exactly.
+
+Poisson samples are padded to a cap (static shapes). The accountant charges the rare
+overflow to δ with a slack that grows like e^ε (`Accountant.epsilon`), so the default cap
+is the smallest one whose slack stays under δ/10 for the whole run (and whose overflow
+probability is at most 1e-12 per application); see `budget_cap`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+
+import numpy as np
+from scipy import stats
+
+from fedjax_sim.aggregators import dp_fedavg
+from fedjax_sim.engine.round import ClientSampling
+from fedjax_sim.errors import UserError
+from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP, SampledGaussian,
+                                default_cap)
+from fedjax_sim.privacy.dp_sgd import ExampleNoise
+
+
+@contextlib.contextmanager
+def _quiet_accounting():
+    """dp_accounting logs a warning per RDP order it drops at low noise; the dropped
+    orders only make ε larger, so these are not shown."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def budget_cap(population: int, sampling_rate: float, noise_multiplier: float, delta: float,
+               applications: int, accountant: str) -> int:
+    """The smallest cap M <= population on a Poisson sample of `population` records whose
+    overflow costs at most δ/10 over `applications` applications:
+    (1 + e^ε)·T·P(Binomial(N+1, q) > M) <= δ/10 with ε the uncapped ε(δ/2) after T, and
+    P(...) <= 1e-12. Where no M < N does (ε in the hundreds), M = N."""
+    base = min(default_cap(population, sampling_rate), population)
+    with warnings.catch_warnings(), _quiet_accounting():
+        warnings.simplefilter("ignore")
+        eps = Accountant(SampledGaussian(noise_multiplier, "poisson", population,
+                                         sampling_rate=sampling_rate),
+                         delta=delta / 2, accountant=accountant).epsilon(applications)
+    if eps >= 700:
+        return population
+    budget = delta / 10 / applications / (1 + math.exp(eps))
+    sf = lambda m: stats.binom.sf(m, population + 1, sampling_rate)  # noqa: E731
+    if sf(base) <= budget:
+        return base
+    lo, hi = base, population  # sf(lo) > budget; take hi = N when nothing smaller fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if sf(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class PrivatePlan:
+    """Builds the private parts of a run and keeps its privacy ledger.
+
+    Attributes:
+      aggregator: the DP aggregator (client level) or None.
+      sampling: the engine's client sampling (Poisson for client level) or None.
+      schedule_args: extra `make_schedule` arguments (DP-SGD's Poisson batches) or {}.
+      example_noise: DP-SGD's parameters for `Problem`, or None.
+      accountant: the `Accountant` of one application.
+    """
+
+    def __init__(self, privacy, *, algorithm, aggregator, num_clients: int,
+                 clients_per_round: int, max_client_size: int, rounds: int):
+        self.privacy = privacy
+        self.num_clients = num_clients
+        self.aggregator, self.sampling, self.schedule_args, self.example_noise = None, None, {}, None
+        self.steps_per_round = 1
+        if isinstance(privacy, ClientLevelDP):
+            self.level = "client"
+            if aggregator is not None:
+                raise UserError("pass either aggregator= or privacy=ClientLevelDP(...), not both: "
+                                "client-level DP builds its own aggregator (clip + gaussian)")
+            if getattr(algorithm, "weighting", None) != "uniform":
+                raise UserError("client-level DP needs algorithm weighting='uniform': weighting "
+                                "by example counts makes one client's influence on the aggregate, "
+                                "and so the noise it needs, depend on its data; set "
+                                "weighting='uniform' (config: algorithm.weighting)")
+            z = privacy.noise_multiplier
+            if privacy.sampling == "poisson":
+                q = clients_per_round / num_clients
+                slots = min(privacy.max_cohort_size or budget_cap(
+                    num_clients, q, z, privacy.delta, rounds, privacy.accountant), num_clients)
+                mechanism = SampledGaussian(z, "poisson", num_clients, sampling_rate=q,
+                                            max_sample_size=slots)
+                self.sampling = ClientSampling("poisson", slots, q)
+            else:
+                mechanism = SampledGaussian(z, "fixed", num_clients, sample_size=clients_per_round)
+            adaptive = privacy.adaptive_clipping
+            self.aggregator = dp_fedavg(
+                z, expected_clients=float(clients_per_round), clip_norm=privacy.clip_norm,
+                adaptive=adaptive is not None,
+                target_quantile=adaptive.target_quantile if adaptive else 0.5,
+                learning_rate=adaptive.learning_rate if adaptive else 0.2,
+                count_stddev=adaptive.count_stddev if adaptive else None,
+                noise_cohort_size=privacy.noise_cohort_size)
+        elif isinstance(privacy, ExampleLevelDP):
+            self.level = "example"
+            q = privacy.sampling_rate
+            steps = getattr(algorithm, "local_steps", None) or math.ceil(
+                getattr(algorithm, "local_epochs", None) / q)
+            # Worst case: a client in every round, taking all its steps each time.
+            cap = min(privacy.max_batch_size or budget_cap(
+                max_client_size, q, privacy.noise_multiplier, privacy.delta,
+                rounds * steps, privacy.accountant), max_client_size)
+            mechanism = SampledGaussian(privacy.noise_multiplier, "poisson", max_client_size,
+                                        sampling_rate=q, max_sample_size=cap)
+            self.schedule_args = {"batch_size": cap, "sampling_rate": q}
+            self.example_noise = ExampleNoise(float(privacy.clip_norm),
+                                              float(privacy.noise_multiplier), float(q))
+        else:
+            raise UserError(f"privacy must be ClientLevelDP(...), ExampleLevelDP(...) or None, got "
+                            f"{type(privacy).__name__}")
+        self.mechanism = mechanism
+        with _quiet_accounting():
+            self.accountant = Accountant(mechanism, delta=privacy.delta, accountant=privacy.accountant)
+        self.participation = np.zeros(num_clients, np.int64)
+        self._warned_unbounded = False
+
+    def set_steps_per_round(self, steps: int) -> None:
+        """Local steps per participation (example level; fixed by the schedule)."""
+        if self.level == "example":
+            self.steps_per_round = int(steps)
+
+    # -- the ledger -----------------------------------------------------------------------
+    def _applications(self, rounds_done: int, max_participation: int) -> int:
+        return rounds_done if self.level == "client" else max_participation * self.steps_per_round
+
+    def _epsilon(self, applications: int) -> float:
+        """ε after `applications`; inf (with one warning) where the cap's overflow slack
+        cannot be certified within δ (only at absurd ε, hundreds, or a cap set too small)."""
+        try:
+            with _quiet_accounting():
+                return self.accountant.epsilon(applications)
+        except UserError as e:
+            if not self._warned_unbounded:
+                self._warned_unbounded = True
+                warnings.warn(f"ε is reported as inf: {e}", stacklevel=4)
+            return math.inf
+
+    def check_budget(self, rounds: int) -> None:
+        """Refuses up front a target ε that one round already exceeds, and a cap set too
+        small for the run's δ."""
+        target = self.privacy.target_epsilon
+        first = self._epsilon(self._applications(1, 1))
+        if target is not None and first > target:
+            raise UserError(f"privacy.target_epsilon={target:g} is already exceeded by one round "
+                            f"(ε = {first:.3g} at δ = {self.privacy.delta:g}); raise target_epsilon "
+                            f"or the noise multiplier")
+        user_cap = getattr(self.privacy, "max_cohort_size", None) or getattr(
+            self.privacy, "max_batch_size", None)
+        if user_cap and target is None:
+            with _quiet_accounting():  # raises if the cap's overflow does not fit in δ
+                self.accountant.epsilon(self._applications(rounds, rounds))
+
+    def recount(self, program, root, done: int) -> None:
+        """Participation counts of rounds [0, done) (example level), e.g. on resume."""
+        self.participation[:] = 0
+        step = 4096
+        for start in range(0, done, step):
+            self.record(program, root, start, min(step, done - start))
+
+    def record(self, program, root, start: int, count: int) -> list[int]:
+        """Counts the participations of rounds start .. start+count-1; returns the largest
+        participation count after each of those rounds."""
+        if self.level == "client":
+            return []
+        import jax
+        ids, live = jax.device_get(program.cohorts(root, start, count))
+        peaks = []
+        for r in range(count):
+            np.add.at(self.participation, ids[r][live[r]], 1)
+            peaks.append(int(self.participation.max()))
+        return peaks
+
+    def epsilon_rows(self, first_round: int, count: int, peaks: list[int]) -> list[float]:
+        """ε after each of rounds first_round .. first_round+count-1 (1-based round numbers;
+        `peaks` from `record` at the example level)."""
+        if self.level == "client":
+            return [self._epsilon(first_round + i) for i in range(count)]
+        return [self._epsilon(p * self.steps_per_round) for p in peaks]
+
+    def epsilon_after(self, rounds_done: int) -> float:
+        """ε after `rounds_done` rounds (client level) or at the current participation counts."""
+        return self._epsilon(self._applications(rounds_done, int(self.participation.max())))
+
+    def affordable(self, done: int, count: int) -> int:
+        """How many of the next `count` rounds fit in target_epsilon (all when none is set).
+
+        Client level: ε(done + k) <= target. Example level, where the next cohorts are not
+        known yet: even a client that takes part in all k rounds stays within the target.
+        """
+        target = self.privacy.target_epsilon
+        if target is None:
+            return count
+        if self.level == "client":
+            return max(0, min(count, self.accountant.max_count(target, done + count) - done))
+        steps = self.steps_per_round
+        peak = int(self.participation.max())
+        allowed = self.accountant.max_count(target, (peak + count) * steps) // steps - peak
+        return max(0, min(count, allowed))
+
+    def stop_message(self, done: int) -> str:
+        eps = self.epsilon_after(done)
+        return (f"stopped after round {done}: another round would take ε past "
+                f"privacy.target_epsilon={self.privacy.target_epsilon:g} (ε = {eps:.4g} at "
+                f"δ = {self.privacy.delta:g}); raise target_epsilon or the noise multiplier to "
+                f"train longer")
+
+    def summary(self, done: int) -> dict:
+        out = {"level": self.level, "noise_multiplier": self.privacy.noise_multiplier,
+               "delta": self.privacy.delta, "accountant": self.privacy.accountant,
+               "epsilon": _finite_or_none(self.epsilon_after(done)),
+               "target_epsilon": self.privacy.target_epsilon,
+               "sampling": self.mechanism.sampling,
+               "sampling_rate": self.mechanism.sampling_rate,
+               "overflow_probability": self.mechanism.overflow_probability()}
+        if self.level == "client":
+            out["cohort_slots"] = self.sampling.slots if self.sampling else None
+        else:
+            out.update(max_batch_size=self.schedule_args["batch_size"],
+                       local_steps=self.steps_per_round,
+                       max_participation=int(self.participation.max()))
+        return out
+
+
+def _finite_or_none(x: float):
+    return x if math.isfinite(x) else None
+
+
+def warn_stop(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
