@@ -55,6 +55,8 @@ def budget_cap(population: int, sampling_rate: float, noise_multiplier: float, d
     (1 + e^ε)·T·P(Binomial(N+1, q) > M) <= δ/10 with ε the uncapped ε(δ/2) after T, and
     P(...) <= 1e-12. Where no M < N does (ε in the hundreds), M = N."""
     base = min(default_cap(population, sampling_rate), population)
+    if noise_multiplier == 0:  # no privacy to account for
+        return base
     with warnings.catch_warnings(), _quiet_accounting():
         warnings.simplefilter("ignore")
         eps = Accountant(SampledGaussian(noise_multiplier, "poisson", population,
@@ -169,16 +171,17 @@ class PrivatePlan:
         """Refuses up front a target ε that one round already exceeds, and a cap set too
         small for the run's δ."""
         target = self.privacy.target_epsilon
+        user_cap = getattr(self.privacy, "max_cohort_size", None) or getattr(
+            self.privacy, "max_batch_size", None)
+        if user_cap:
+            with _quiet_accounting():  # raises if the cap's overflow does not fit in δ
+                self.accountant.epsilon(self._applications(1, 1) if target is not None
+                                        else self._applications(rounds, rounds))
         first = self._epsilon(self._applications(1, 1))
         if target is not None and first > target:
             raise UserError(f"privacy.target_epsilon={target:g} is already exceeded by one round "
                             f"(ε = {first:.3g} at δ = {self.privacy.delta:g}); raise target_epsilon "
                             f"or the noise multiplier")
-        user_cap = getattr(self.privacy, "max_cohort_size", None) or getattr(
-            self.privacy, "max_batch_size", None)
-        if user_cap and target is None:
-            with _quiet_accounting():  # raises if the cap's overflow does not fit in δ
-                self.accountant.epsilon(self._applications(rounds, rounds))
 
     def recount(self, program, root, done: int) -> None:
         """Participation counts of rounds [0, done) (example level), e.g. on resume."""
