@@ -345,3 +345,20 @@ def test_bad_privacy_input_gives_clear_errors():
     with pytest.raises(fs.UserError, match="too small"):
         fs.simulate(model, uniform, data, rounds=5, clients_per_round=4, progress=False,
                     privacy=ClientLevelDP(1.0, 1e-3, clip_norm=1.0, max_cohort_size=5))
+
+
+def test_poisson_rounds_do_not_depend_on_chunking():
+    """A Poisson cohort runs only the chunks holding its real clients; the result equals
+    running every slot (one client at a time vs chunks of a quarter cohort)."""
+    data = _toy([5, 8, 3, 6, 7, 4, 9, 5, 6, 2, 8, 4])
+    model = logistic_regression((6,), 3)
+    alg = fs.algorithms.fedavg(optax.sgd(0.2), batch_size=3, weighting="uniform")
+    privacy = ClientLevelDP(0.7, 1e-3, clip_norm=0.5)
+    runs = [fs.simulate(model, alg, data, rounds=4, clients_per_round=4, seed=2, progress=False,
+                        privacy=privacy, engine=fs.EngineOptions(clients_per_chunk=chunk))
+            for chunk in (None, 1)]
+    assert [h["cohort_size"] for h in runs[0].history] == [h["cohort_size"] for h in runs[1].history]
+    np.testing.assert_allclose(_flat(runs[0].params), _flat(runs[1].params), rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[0].history, runs[1].history):
+        assert a["dp_clipped_fraction"] == pytest.approx(b["dp_clipped_fraction"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)

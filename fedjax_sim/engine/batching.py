@@ -123,7 +123,8 @@ def _shuffle(bits: jax.Array, n: jax.Array, length: int) -> jax.Array:
     return _ranks(keys)
 
 
-def poisson_sample(bits: jax.Array, rate: float, n: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+def poisson_sample(bits: jax.Array, rate: float, n: jax.Array, cap: int,
+                   compact: bool = False) -> tuple[jax.Array, jax.Array]:
     """Poisson sampling of slots [0, n) of `bits` ([L] random uint32), capped at `cap`.
 
     Slot j < n joins when bits[j] < floor(rate * 2^32), i.e. with probability at most
@@ -131,6 +132,8 @@ def poisson_sample(bits: jax.Array, rate: float, n: jax.Array, cap: int) -> tupl
     (slots [cap] int32, mask [cap] bool): the joined slots, and when more than `cap`
     joined, the `cap` of them with the smallest bits; those bits are i.i.d. uniform below
     the threshold, so this keeps a uniformly random subset. Unused entries are masked.
+    With `compact` the joined slots always come first (in random order), even when no cap
+    applies.
     """
     length = bits.shape[-1]
     pos = jnp.arange(length, dtype=jnp.int32)
@@ -138,8 +141,9 @@ def poisson_sample(bits: jax.Array, rate: float, n: jax.Array, cap: int) -> tupl
         joined = pos < n
     else:
         joined = (bits < jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))) & (pos < n)
-    if cap >= length:
+    if cap >= length and not compact:
         return pos, joined
+    cap = min(cap, length)
     # Joined slots sort by 30 random bits, the rest after them by position.
     keys = jnp.where(joined, (bits >> 2).astype(jnp.int32), jnp.int32(1 << 30) + pos)
     neg, slots = jax.lax.top_k(-keys, cap)

@@ -13,6 +13,11 @@ of what each sends, the sum of the weights, and the per-client stack of its outp
 
 The sum is accumulated in float32 (or the summands' dtype if wider). All three give the
 same result up to float round-off.
+
+With `count` (a traced number of leading clients that are real, the rest padding, as in a
+Poisson cohort padded to its cap), chunks are run by a while loop that stops after the
+last chunk holding a real client, so a round costs what its real clients cost (rounded up
+to a chunk), not what the cap would.
 """
 
 from __future__ import annotations
@@ -37,13 +42,17 @@ def _weighted_sum(weights: jax.Array, tree: PyTree) -> PyTree:
 
 
 def map_clients(fn: Callable[[PyTree], tuple[jax.Array, PyTree, PyTree]], per_client: PyTree,
-                clients_per_chunk: int | None) -> tuple[PyTree, jax.Array, PyTree]:
+                clients_per_chunk: int | None,
+                count: jax.Array | None = None) -> tuple[PyTree, jax.Array, PyTree]:
     """Runs `fn` on every client; returns (sum_c w_c * x_c, sum_c w_c, stacked outputs).
 
     `fn(client) -> (w, x, out)`: a scalar weight, a pytree to be weighted and summed, and a
     pytree to be stacked over clients. Clients added to fill the last chunk are copies of
     the first client with weight 0 whose stacked output is dropped, so `fn` must return
     finite values for them (it does for any real client).
+
+    `count`: only clients [0, count) are real; chunks past the last of them are skipped
+    (their stacked outputs are zero, and they add nothing). Needs `clients_per_chunk`.
     """
     m = jax.tree_util.tree_leaves(per_client)[0].shape[0]
     if clients_per_chunk is None or clients_per_chunk >= m:
@@ -66,6 +75,9 @@ def map_clients(fn: Callable[[PyTree], tuple[jax.Array, PyTree, PyTree]], per_cl
     zeros = (jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, _acc_dtype(s)), x_shape),
              jnp.float32(0))
 
+    if count is not None:
+        return _map_leading_chunks(fn, chunks, zeros, x_shape, count, k, num_chunks, m)
+
     if k == 1:
         def body(acc, chunk):
             pc, alive = jax.tree_util.tree_map(lambda x: x[0], chunk)
@@ -84,4 +96,26 @@ def map_clients(fn: Callable[[PyTree], tuple[jax.Array, PyTree, PyTree]], per_cl
     (total, weight), stacked = jax.lax.scan(body, zeros, chunks)
     stacked = jax.tree_util.tree_map(
         lambda x: x.reshape(num_chunks * k, *x.shape[(1 if k == 1 else 2):])[:m], stacked)
+    return total, weight, stacked
+
+
+def _map_leading_chunks(fn, chunks, zeros, x_shape, count, k, num_chunks, m):
+    """map_clients' chunked path as a while loop over the chunks that hold real clients."""
+    del x_shape
+    pc0, live0 = jax.tree_util.tree_map(lambda x: x[0], chunks)
+    out_shape = jax.eval_shape(lambda pc: jax.vmap(fn)(pc)[2], pc0)
+    outs = jax.tree_util.tree_map(lambda s: jnp.zeros((num_chunks, *s.shape), s.dtype), out_shape)
+    needed = (jnp.minimum(count, m) + k - 1) // k
+
+    def body(i, state):
+        (total, weight), outs = state
+        pc, alive = jax.tree_util.tree_map(lambda x: x[i], chunks)
+        w, x, out = jax.vmap(fn)(pc)
+        w = jnp.where(alive, w, 0).astype(jnp.float32)
+        total = jax.tree_util.tree_map(jnp.add, total, _weighted_sum(w, x))
+        outs = jax.tree_util.tree_map(lambda buf, o: buf.at[i].set(o), outs, out)
+        return (total, weight + jnp.sum(w)), outs
+
+    (total, weight), outs = jax.lax.fori_loop(0, needed, body, (zeros, outs))
+    stacked = jax.tree_util.tree_map(lambda x: x.reshape(num_chunks * k, *x.shape[2:])[:m], outs)
     return total, weight, stacked

@@ -180,7 +180,7 @@ class RoundProgram:
         if self.sampling.kind == "poisson":
             bits = jax.random.bits(k_sample, (self.num_clients,), jnp.uint32)
             cohort, live = poisson_sample(bits, self.sampling.rate, jnp.int32(self.num_clients),
-                                          self.clients_per_round)
+                                          self.clients_per_round, compact=True)
         else:
             cohort = jax.random.choice(k_sample, self.num_clients, (self.clients_per_round,),
                                        replace=False).astype(jnp.int32)
@@ -200,6 +200,16 @@ class RoundProgram:
 
     def _client_draws(self, k_clients, cid):
         return client_randomness(k_clients, cid, bits_needed(self.schedule, self.max_client_size))
+
+    def _poisson_chunk(self) -> int:
+        """Chunk size for a Poisson cohort: a quarter of the expected cohort (so the
+        padding run beyond the real clients averages ~1/8 of it), or the engine's smaller
+        chunk (e.g. 1 for heavy models on CPU)."""
+        expected = self.sampling.rate * self.num_clients
+        k = max(1, math.ceil(expected / 4))
+        if self.clients_per_chunk is not None:
+            k = min(k, self.clients_per_chunk)
+        return min(k, self.clients_per_round)
 
     def _hoist_draws(self, max_rounds: int) -> bool:
         """Whether a call draws the randomness of all its rounds up front, in one batch.
@@ -238,8 +248,14 @@ class RoundProgram:
             keep = lambda tree: jax.tree_util.tree_map(lambda v: jnp.where(live, v, 0), tree)
             return weight, delta, (keep(out.metrics), keep(report))
 
-        total, denominator, (train_sums, client_reports) = map_clients(
-            client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
+        if self.sampling.kind == "poisson":
+            # The real clients fill the first slots: run only the chunks that hold them.
+            total, denominator, (train_sums, client_reports) = map_clients(
+                client, (cohort, drawn.live, drawn.clients), self._poisson_chunk(),
+                count=jnp.sum(drawn.live.astype(jnp.int32)))
+        else:
+            total, denominator, (train_sums, client_reports) = map_clients(
+                client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
         num_live = jnp.sum(drawn.live.astype(jnp.float32))
         reports = {k: jnp.sum(v) for k, v in client_reports.items()}
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
