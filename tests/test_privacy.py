@@ -350,7 +350,7 @@ def test_bad_privacy_input_gives_clear_errors():
 def test_poisson_rounds_do_not_depend_on_chunking():
     """A Poisson cohort runs only the chunks holding its real clients; the result equals
     running every slot (one client at a time vs chunks of a quarter cohort)."""
-    data = _toy([5, 8, 3, 6, 7, 4, 9, 5, 6, 2, 8, 4])
+    data = _toy([5, 8, 3, 6, 7, 4, 9, 5, 6, 2, 8, 4] * 3)
     model = logistic_regression((6,), 3)
     alg = fs.algorithms.fedavg(optax.sgd(0.2), batch_size=3, weighting="uniform")
     privacy = ClientLevelDP(0.7, 1e-3, clip_norm=0.5)
