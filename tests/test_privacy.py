@@ -221,6 +221,17 @@ def test_dp_sgd_per_example_clipping_equals_a_loop_over_examples():
     np.testing.assert_allclose(_flat(grads), total / (q * n), atol=1e-5)
     assert float(sums["dp_clipped_fraction"]) == clipped and clipped > 0
     assert float(sums["count"]) == mask.sum()
+    # In chunks over the leading real examples (sampled first, as Poisson batches are),
+    # with noise: the same as the whole batch at once.
+    order = np.argsort(~mask, kind="stable")
+    batch, mask = {k: v[order] for k, v in batch.items()}, mask[order]
+    results = [jax.jit(lambda p, b, m, c=chunk: private_gradient(
+        problem.loss, ExampleNoise(clip, 1.3, q, chunk=c), p, b, m, jax.random.key(4),
+        jnp.int32(n)))(params, batch, jnp.asarray(mask)) for chunk in (None, 2, 3)]
+    for grads_c, sums_c in results[1:]:
+        np.testing.assert_allclose(_flat(grads_c), _flat(results[0][0]), atol=1e-6)
+        assert float(sums_c["loss"]) == pytest.approx(float(results[0][1]["loss"]), rel=1e-6)
+        assert float(sums_c["dp_clipped_fraction"]) == clipped
 
 
 def test_dp_sgd_noise_has_the_claimed_std():

@@ -158,7 +158,8 @@ def client_batches(schedule: Schedule, bits: jax.Array, n: jax.Array,
     """
     b, s = schedule.batch_size, schedule.num_steps
     if schedule.sampling_rate is not None:
-        return jax.vmap(lambda w: poisson_sample(w, schedule.sampling_rate, n, b))(
+        # Sampled examples first, so DP-SGD can skip the padding (privacy.dp_sgd).
+        return jax.vmap(lambda w: poisson_sample(w, schedule.sampling_rate, n, b, compact=True))(
             bits.reshape(s, max_client_size))
     if schedule.local_epochs is not None:
         epochs = schedule.local_epochs

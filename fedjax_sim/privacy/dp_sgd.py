@@ -20,15 +20,23 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.aggregators.dp import gaussian_like
+
 PyTree = Any
 
 
 class ExampleNoise(NamedTuple):
-    """The static DP-SGD parameters a client's gradient uses."""
+    """The static DP-SGD parameters a client's gradient uses.
+
+    `chunk`: per-example gradients are computed `chunk` examples at a time, only for the
+    chunks that hold sampled examples (a Poisson batch is padded to a cap about twice its
+    expected size, and its sampled examples come first); None = the whole batch at once.
+    """
 
     clip_norm: float  # C, per example
     noise_multiplier: float  # σ
     sampling_rate: float  # q
+    chunk: int | None = None
 
 
 def per_example_gradients(loss: Callable, params: PyTree, batch: dict, mask: jax.Array,
@@ -69,14 +77,49 @@ def private_gradient(loss: Callable, noise: ExampleNoise, params: PyTree, batch:
     `dp_clipped_fraction`: the number of examples whose gradient was clipped (the engine
     divides metric sums by the example count)."""
     k_examples, k_noise = jax.random.split(rng)
-    grads, sums = per_example_gradients(loss, params, batch, mask, k_examples)
-    total, clipped = clipped_sum(grads, mask, noise.clip_norm)
+    size = mask.shape[0]
+    if noise.chunk is None or noise.chunk >= size:
+        grads, sums = per_example_gradients(loss, params, batch, mask, k_examples)
+        total, clipped = clipped_sum(grads, mask, noise.clip_norm)
+        sums = jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), sums)
+    else:
+        total, clipped, sums = _chunked_clipped_sum(loss, noise, params, batch, mask, k_examples)
     std = noise.noise_multiplier * noise.clip_norm
-    leaves, treedef = jax.tree_util.tree_flatten(total)
-    keys = jax.random.split(k_noise, len(leaves))
     denominator = noise.sampling_rate * jnp.maximum(num_examples, 1).astype(jnp.float32)
-    noised = [(x + (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))
-              / denominator.astype(x.dtype) for x, k in zip(leaves, keys)]
-    sums = jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), sums)
+    if noise.noise_multiplier != 0:
+        total = jax.tree_util.tree_map(jnp.add, total, gaussian_like(k_noise, total, std))
     sums["dp_clipped_fraction"] = clipped
-    return jax.tree_util.tree_unflatten(treedef, noised), sums
+    return jax.tree_util.tree_map(lambda x: x / denominator.astype(x.dtype), total), sums
+
+
+def _chunked_clipped_sum(loss, noise: ExampleNoise, params, batch, mask, rng):
+    """`clipped_sum` of the per-example gradients, `noise.chunk` examples at a time, over
+    the leading chunks that hold real examples only (the batch's real examples come
+    first). Example j keeps its key fold_in(rng, j), so the result equals the whole-batch
+    computation."""
+    k, size = noise.chunk, mask.shape[0]
+    num_chunks = -(-size // k)
+    pad = num_chunks * k - size
+    if pad:
+        batch = {n: jnp.concatenate([v, jnp.zeros((pad, *v.shape[1:]), v.dtype)])
+                 for n, v in batch.items()}
+        mask = jnp.concatenate([mask, jnp.zeros(pad, bool)])
+    needed = (jnp.sum(mask.astype(jnp.int32)) + k - 1) // k
+
+    def chunk_of(i):
+        part = {n: jax.lax.dynamic_slice_in_dim(v, i * k, k) for n, v in batch.items()}
+        part_mask = jax.lax.dynamic_slice_in_dim(mask, i * k, k)
+        keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(i * k + jnp.arange(k))
+        grads, sums = jax.vmap(lambda j: jax.grad(loss, has_aux=True)(
+            params, {n: jax.lax.dynamic_slice_in_dim(v, j, 1) for n, v in part.items()},
+            part_mask[j][None], keys[j]))(jnp.arange(k))
+        total, clipped = clipped_sum(grads, part_mask, noise.clip_norm)
+        return total, clipped, jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), sums)
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(chunk_of, jnp.int32(0)))
+
+    def body(i, acc):
+        return jax.tree_util.tree_map(jnp.add, acc, chunk_of(i))
+
+    return jax.lax.fori_loop(0, needed, body, zeros)
