@@ -38,9 +38,11 @@ PyTree = Any
 MAX_AUTO_UNROLL = 8
 # On CPU, clients whose one local step costs more than this many FLOPs run one after
 # another (clients_per_chunk=1) instead of vmapped: vmap pays off by sharing per-op
-# overhead between clients with tiny steps (logistic regression: 5x), but for heavy steps
-# it only multiplies memory traffic (EMNIST CNN, 100 clients: 18.6 s vs 11.4 s a round).
-CPU_VMAP_MAX_STEP_FLOPS = 1e8
+# overhead between clients with tiny steps (logistic regression: 5x), but for heavier
+# steps it only multiplies memory traffic (EMNIST CNN, 100 clients: 18.6 s vs 11.4 s a
+# round; MLP 200-200 at 3e6 FLOPs a step, 50 clients: 46 ms vs 19 ms). The crossover
+# measured on MLPs lies between 2e5 (vmap faster) and 3e6 (one by one clearly faster).
+CPU_VMAP_MAX_STEP_FLOPS = 1e6
 # With rounds_per_call='auto', one call runs at most this many rounds, and about
 # TARGET_SECONDS_PER_CALL of them (measured on the first call), so the progress bar and the
 # log move at least every second or so whatever the model's size.
@@ -332,8 +334,13 @@ def simulate(
         task.check(tuple(out_shape), np.asarray(train_data.features[task.label_key]))
 
     backend = jax.default_backend()
-    problem = Problem(model, task, model_state, input_key,
-                      example_noise=plan.example_noise if plan else None)
+    example_noise = plan.example_noise if plan else None
+    if example_noise is not None and backend == "cpu":
+        # DP-SGD's per-example gradients one example at a time: on XLA:CPU that beats any
+        # vmap over examples, by 1.7x (EMNIST CNN) to 15x (MLP, vmapped clients) in
+        # benchmarks/README.md.
+        example_noise = example_noise._replace(chunk=1)
+    problem = Problem(model, task, model_state, input_key, example_noise=example_noise)
     sampling = plan.sampling if plan else None
     slots = sampling.slots if sampling else clients_per_round
     choice = resolve_engine(engine, backend=backend,
