@@ -104,9 +104,19 @@ def test_default_cap_is_the_smallest_with_overflow_below_the_bound():
     assert stats.binom.sf(cap, TFF_N + 1, TFF_Q) <= 1e-12 < stats.binom.sf(cap - 1, TFF_N + 1, TFF_Q)
     assert _poisson(1.2, TFF_Q, TFF_N, cap).overflow_probability() == pytest.approx(
         stats.binom.sf(cap, TFF_N + 1, TFF_Q), rel=1e-12)
-    # Full participation: only a cap of N + 1 never overflows for the larger neighbour.
+    # Full participation: only a cap of N + 1 never overflows for the larger neighbour ...
     assert accounting.default_cap(10, 1.0) == 11
-    assert _poisson(1.0, 1.0, 10, 11).overflow_probability() == 0.0
+    # ... but a cap of N never binds on the N records simulated: the release is exactly
+    # the uncapped mechanism's, so nothing is charged to δ.
+    assert _poisson(1.0, 1.0, 10, 10).overflow_probability() == 0.0
+    assert _poisson(1.0, 0.3, 10, 9).overflow_probability() == pytest.approx(
+        stats.binom.sf(9, 11, 0.3), rel=1e-12)
+    # So a huge ε with the cap at N is reported as it is, not as unbounded.
+    z, q, n = 0.3, 0.2, 100
+    reference = dp_accounting.rdp.RdpAccountant()
+    reference.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), 50)
+    assert accounting.Accountant(_poisson(z, q, n, n), delta=1e-3, accountant="rdp").epsilon(50) == \
+        pytest.approx(reference.get_epsilon(1e-3), rel=1e-9)
 
 
 def _capped_reference(z, q, n, cap, count, delta):

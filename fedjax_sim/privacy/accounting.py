@@ -162,8 +162,15 @@ class SampledGaussian:
 
         Computed for N + 1 records, the larger of two add/remove neighbours, which bounds
         it for both: P(Binomial(N + 1, q) > M). 0 without a cap or with fixed sampling.
+
+        Also 0 for a cap M >= N: on the N records simulated the cap never binds, so every
+        release is distributed exactly as the uncapped mechanism's, whose guarantee it
+        then has (DP is a property of the map from datasets to output distributions, and
+        that map is the uncapped one; its value on a neighbour with N + 1 records never
+        has to be computed here).
         """
-        if self.sampling != "poisson" or self.max_sample_size is None:
+        if self.sampling != "poisson" or self.max_sample_size is None \
+                or self.max_sample_size >= self.population:
             return 0.0
         return float(stats.binom.sf(self.max_sample_size, self.population + 1,
                                     self.sampling_rate))
