@@ -8,11 +8,11 @@
                          rounds=100, clients_per_round=10, eval_data=test)
 """
 
-from fedjax_sim import aggregators, algorithms, data, engine, models
+from fedjax_sim import aggregators, algorithms, data, engine, models, privacy
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import CheckpointOptions, EngineOptions, Result, simulate
 from fedjax_sim.simulation.checkpoint import load_params
 
 __version__ = "0.1.0"
 __all__ = ["simulate", "Result", "EngineOptions", "CheckpointOptions", "load_params", "UserError", "data", "models",
-           "algorithms", "aggregators", "engine"]
+           "algorithms", "aggregators", "engine", "privacy"]

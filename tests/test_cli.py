@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,12 +67,23 @@ def test_diabetes_regression_config_beats_constant_predictor():
     assert result.summary["final"]["test_mse"] == pytest.approx(result.summary["final"]["test_loss"])
 
 
-@pytest.mark.parametrize("config", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")))
+# The default suite runs one config per data source, model family and privacy level; the
+# others differ from these only in values that test_config_validation checks up front
+# (the server optimizer, a model of the same family, a privacy option), and run here and
+# in full (test_configs_slow) under `pytest -m slow`.
+QUICK_CONFIGS = {"digits_fedavg.py", "diabetes_fedsgd.py", "synthetic_fedavg.py", "digits_dp_sgd.py"}
+
+
+@pytest.mark.parametrize("config", [
+    c if c in QUICK_CONFIGS else pytest.param(c, marks=pytest.mark.slow)
+    for c in sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py"))])
 def test_every_shipped_config_builds_and_runs_two_rounds(config, capsys):
     code, out, err = _run(capsys, "train", "--config", f"{CONFIGS}/{config}", "--config.rounds=2",
                           "--config.eval_every=2", "--no-progress")
     assert code == 0, err
     assert "done: 2 rounds" in out
+    if "dp_" in config:  # the privacy spent is part of the result
+        assert re.search(r"ε=[0-9.]+ \(δ=", out), out
 
 
 def _error_line(capsys, *overrides, config="digits_fedavg.py"):
@@ -151,3 +163,53 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "fedjax_sim.cli.main", "train", "--help"],
                          capture_output=True, text=True, check=True)
     assert "--config" in out.stdout and "--workdir" in out.stdout
+
+
+def test_dp_fedavg_config_reports_epsilon_and_stops_at_the_target(tmp_path, capsys):
+    workdir = tmp_path / "dp"
+    code, out, err = _run(capsys, "train", "--config", f"{CONFIGS}/digits_dp_fedavg.py",
+                          "--config.rounds=20", "--config.eval_every=5",
+                          "--config.privacy.target_epsilon=3", "--workdir", str(workdir),
+                          "--no-progress")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    stopped = len(rows)
+    assert 1 < stopped < 20 and f"done: {stopped} of 20 rounds" in out
+    assert "another round would take ε past privacy.target_epsilon=3" in err
+    eps = [r["epsilon"] for r in rows]
+    assert all(b > a for a, b in zip(eps, eps[1:])) and eps[-1] <= 3
+    # The independent check: dp_accounting, Poisson rate 20/100, z = 1, for that many rounds
+    # (ε of the run also pays for the cohort cap's overflow, a δ slack of ~1e-12).
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        0.2, dp_accounting.GaussianDpEvent(1.0)), stopped)
+    assert eps[-1] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-3)
+    for r in rows:
+        assert r["dp_clip_norm"] == 0.5 and 0 <= r["dp_clipped_fraction"] <= 1
+        assert r["dp_noise_std"] == pytest.approx(1.0 * 0.5 / 20)
+    assert rows[-1]["test_accuracy"] >= 0  # the last round is evaluated
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == eps[-1] and summary["privacy"]["delta"] == 1e-3
+    assert "target_epsilon" in summary["stopped"]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["privacy"]["level"] == "client"
+
+
+def test_privacy_errors_and_warnings_on_the_command_line(capsys):
+    line = _error_line(capsys, "--config.privacy.target_epsilon=0.01", config="digits_dp_fedavg.py")
+    assert "privacy.target_epsilon=0.01 is already exceeded by one round" in line
+    assert "config.privacy.clip_norm must be a number > 0, got 0" in \
+        _error_line(capsys, "--config.privacy.clip_norm=0", config="digits_dp_fedavg.py")
+    assert "config.privacy.level='client' needs config.algorithm.weighting='uniform'" in \
+        _error_line(capsys, "--config.algorithm.weighting=num_examples", config="digits_dp_fedavg.py")
+    # δ >= 1/N warns (then, here, the target fails before anything is compiled).
+    code, out, err = _run(capsys, "train", "--config", f"{CONFIGS}/digits_dp_fedavg.py",
+                          "--config.privacy.delta=0.05", "--config.privacy.target_epsilon=0.01",
+                          "--no-progress")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("warning: delta = 0.05 >= 1/N = 1/100: this δ permits releasing")
+    assert lines[-1].startswith("error: privacy.target_epsilon=0.01 is already exceeded")

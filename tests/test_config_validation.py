@@ -181,6 +181,55 @@ BAD = [
      "unknown config key 'data.num_client'; did you mean 'data.num_clients'?"),
     ("digits_fedavg", {"algorithm.client_optimizer": "{'name': 'sgd', 'lr': 0.1}"},
      "unknown config key 'algorithm.client_optimizer.lr'; "),
+    # privacy
+    ("digits_dp_fedavg", {"privacy": "'yes'"}, "config.privacy must be a section"),
+    ("digits_dp_fedavg", {"privacy.level": "'user'"},
+     "config.privacy.level must be one of ['client', 'example']"),
+    ("digits_dp_fedavg", {"privacy.clip_norm": "0"}, "config.privacy.clip_norm must be a number > 0, got 0"),
+    ("digits_dp_fedavg", {"privacy.clip_norm": "-1"}, "config.privacy.clip_norm must be a number > 0"),
+    ("digits_dp_fedavg", {"privacy.noise_multiplier": "-0.5"},
+     "config.privacy.noise_multiplier must be a number >= 0, got -0.5"),
+    ("digits_dp_fedavg", {"privacy.noise_multiplier": "None"},
+     "config.privacy.noise_multiplier is missing; level='client' needs it"),
+    ("digits_dp_fedavg", {"privacy.delta": "1.0"}, "config.privacy.delta must be a number > 0 and < 1"),
+    ("digits_dp_fedavg", {"privacy.delta": "0"}, "config.privacy.delta must be a number > 0 and < 1"),
+    ("digits_dp_fedavg", {"privacy.accountant": "'moments'"},
+     "config.privacy.accountant='moments' is not known; choose one of ['rdp', 'pld']"),
+    ("digits_dp_fedavg", {"privacy.sampling": "'uniform'"},
+     "config.privacy.sampling='uniform' is not known; choose one of ['poisson', 'fixed']"),
+    ("digits_dp_fedavg", {"privacy.sampling": "'fixed'", "privacy.accountant": "'pld'"},
+     "config.privacy.accountant='pld' cannot account for sampling='fixed'"),
+    ("digits_dp_fedavg", {"privacy.sampling_rate": "0.1"},
+     "config.privacy.sampling_rate applies to level='example'; drop it or set it to None"),
+    ("digits_dp_fedavg", {"privacy.target_epsilon": "0"},
+     "config.privacy.target_epsilon must be a number > 0, got 0"),
+    ("digits_dp_fedavg", {"privacy.max_cohort_size": "0"},
+     "config.privacy.max_cohort_size must be an integer >= 1, got 0"),
+    ("digits_dp_fedavg", {"privacy.noise_cohort_size": "1.5"},
+     "config.privacy.noise_cohort_size must be an integer >= 1, got 1.5"),
+    ("digits_dp_fedavg", {"algorithm.weighting": "'num_examples'"},
+     "config.privacy.level='client' needs config.algorithm.weighting='uniform', got 'num_examples'"),
+    ("digits_dp_fedavg", {"clients_per_round": "10", "privacy.adaptive_clipping": "{'target_quantile': 0.5}"},
+     "config.privacy.adaptive_clipping.count_stddev=None is too small for noise_multiplier=1: "),
+    ("digits_dp_fedavg", {"privacy.adaptive_clipping": "{'target_quantile': 1.5}"},
+     "config.privacy.adaptive_clipping.target_quantile must be a number > 0 and < 1, got 1.5"),
+    ("digits_dp_fedavg", {"privacy.adaptive_clipping": "{'learning_rate': -1}"},
+     "config.privacy.adaptive_clipping.learning_rate must be a number > 0, got -1"),
+    ("digits_dp_fedavg", {"privacy.adaptive_clipping": "{'target_quantil': 0.5}"},
+     "unknown config key 'privacy.adaptive_clipping.target_quantil'; did you mean "
+     "'privacy.adaptive_clipping.target_quantile'?"),
+    ("digits_dp_fedavg", {"privacy.adaptive_clipping": "3"},
+     "config.privacy.adaptive_clipping must be None (a fixed clip norm) or a section"),
+    ("digits_dp_sgd", {"privacy.sampling_rate": "0"},
+     "config.privacy.sampling_rate must be a number > 0 and <= 1, got 0"),
+    ("digits_dp_sgd", {"privacy.sampling_rate": "1.5"},
+     "config.privacy.sampling_rate must be a number > 0 and <= 1, got 1.5"),
+    ("digits_dp_sgd", {"privacy.clip_norm": "None"},
+     "config.privacy.clip_norm is missing; level='example' needs it"),
+    ("digits_dp_sgd", {"privacy.max_batch_size": "0"},
+     "config.privacy.max_batch_size must be an integer >= 1, got 0"),
+    ("digits_dp_sgd", {"privacy.noise_cohort_size": "100"},
+     "config.privacy.noise_cohort_size applies to level='client'"),
 ]
 
 
@@ -214,6 +263,14 @@ def test_good_variants_validate():
         ("synthetic_fedavg", {"data.iid": "True", "data.alpha": "0", "data.beta": "0"}),
         ("digits_fedavg", {"algorithm.server_optimizer": "{'name': 'adam', 'learning_rate': 1e-3, "
                                                          "'args': {'b1': 0.9}}"}),
+        ("digits_dp_fedavg", {"privacy": "None"}),
+        ("digits_dp_fedavg", {"privacy.sampling": "'fixed'", "privacy.max_cohort_size": "None"}),
+        ("digits_dp_fedavg", {"privacy.accountant": "'pld'", "privacy.target_epsilon": "10"}),
+        ("digits_dp_fedavg", {"privacy.adaptive_clipping": "{'target_quantile': 0.7}",
+                              "privacy.clip_norm": "None", "privacy.noise_multiplier": "0.5"}),
+        ("digits_dp_fedavg", {"privacy.noise_cohort_size": "1000", "privacy.noise_multiplier": "0"}),
+        ("digits_dp_sgd", {"privacy.max_batch_size": "20", "privacy.accountant": "'pld'"}),
+        ("digits_dp_sgd", {"algorithm.weighting": "'num_examples'"}),  # fine at the example level
     ]:
         validate_config(_config(overrides, name))
 
@@ -352,3 +409,28 @@ def test_allowed_values_match_the_code():
     engine_keys = {f.name for f in dataclasses.fields(EngineOptions)}
     assert "unknown config key 'engine.x'; known keys in config.engine: " + \
         ", ".join(sorted(engine_keys)) in _error(_config({"engine": "{'x': 1}"}))
+
+
+def test_privacy_keys_match_the_dataclasses():
+    from fedjax_sim.privacy import AdaptiveClipping
+
+    for level, cls in schema.PRIVACY_LEVELS.items():
+        assert set(schema.PRIVACY_LEVEL_KEYS[level]) == {f.name for f in dataclasses.fields(cls)}
+    assert set(schema.ADAPTIVE_CLIPPING_KEYS) == {f.name for f in dataclasses.fields(AdaptiveClipping)}
+    for key, unset in schema.PRIVACY_UNSET.items():
+        owners = [cls for cls in schema.PRIVACY_LEVELS.values()
+                  if key in {f.name for f in dataclasses.fields(cls)}]
+        assert [{f.name: f.default for f in dataclasses.fields(c)}[key] for c in owners] == [unset]
+
+
+def test_privacy_section_builds_the_options_the_python_api_takes():
+    from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
+
+    assert schema.privacy_options(_config()) is None  # no section: no privacy
+    assert schema.privacy_options(_config(name="digits_dp_fedavg")) == ClientLevelDP(
+        noise_multiplier=1.0, delta=1e-3, clip_norm=0.5)
+    adaptive = _config({"privacy.adaptive_clipping": "{'target_quantile': 0.7}",
+                        "privacy.clip_norm": "None"}, name="digits_dp_fedavg")
+    assert schema.privacy_options(adaptive).adaptive_clipping == AdaptiveClipping(target_quantile=0.7)
+    assert schema.privacy_options(_config(name="digits_dp_sgd")) == ExampleLevelDP(
+        clip_norm=1.0, noise_multiplier=1.5, sampling_rate=0.1, delta=1e-4)

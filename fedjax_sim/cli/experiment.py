@@ -11,6 +11,17 @@ Config layout (see configs/*.py):
                server_optimizer {…}, local_epochs, local_steps, batch_size, weighting
     engine:    clients_per_chunk, unroll, rounds_per_call
     checkpoint: every_rounds, every_seconds, max_to_keep (optional; CHECKPOINT_DEFAULTS)
+    privacy:   (optional; absent or None: no differential privacy)
+               level ('client': DP-FedAvg | 'example': DP-SGD in every client),
+               noise_multiplier, clip_norm, delta, accountant ('rdp' | 'pld'), target_epsilon;
+               client only: sampling ('poisson' | 'fixed'), max_cohort_size,
+               noise_cohort_size, adaptive_clipping (None | {target_quantile,
+               learning_rate, count_stddev}); example only: sampling_rate, max_batch_size.
+               The keys are the fields of `fedjax_sim.privacy.ClientLevelDP` /
+               `ExampleLevelDP`; those of the other level stay None ('poisson' for
+               sampling). Client level needs algorithm.weighting='uniform'; at the
+               example level each local step's batch is Poisson-sampled with
+               sampling_rate, so algorithm.batch_size is not used.
 
 Every key and value is checked up front by `schema.validate_config`; the checks left here
 are those that need the data.
@@ -31,7 +42,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models import get_model, get_task
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, validate_config
+from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, privacy_options, validate_config
 
 
 def _get(config, key, default=None):
@@ -101,8 +112,9 @@ def build(config: ml_collections.ConfigDict) -> dict:
                        batch_size=batch_size, weighting=_get(alg, "weighting", "num_examples"))
     engine_cfg = dict(_get(config, "engine", {}) or {})
     checkpoint = CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **dict(_get(config, "checkpoint", {}) or {})})
+    privacy = privacy_options(config)  # ClientLevelDP / ExampleLevelDP, or None
     return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
-                eval_data=test, client_eval_data=client_test,
+                privacy=privacy, eval_data=test, client_eval_data=client_test,
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
                 eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),
                 info=info)

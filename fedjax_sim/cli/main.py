@@ -71,7 +71,15 @@ def _train(args, overrides) -> int:
                                "client_test_accuracy_p10"))
     timing = (f"{summary['seconds_per_round'] * 1e3:.1f} ms/round (+{summary['compile_seconds']:.1f} s "
               f"compile)" if "seconds_per_round" in summary else "already complete")
-    print(f"done: {summary['rounds']} rounds, {timing}; {final}")
+    privacy = summary.get("privacy")
+    if privacy:
+        eps = privacy.get("epsilon")  # None where ε is unbounded (no noise)
+        shown = f"ε={'inf' if eps is None else f'{eps:.3g}'} (δ={privacy['delta']:g})"
+        final = f"{final}, {shown}" if final else shown
+    rounds = f"{summary['rounds']} rounds"
+    if summary.get("stopped"):  # the privacy budget ran out first
+        rounds = f"{len(result.history)} of {rounds}"
+    print(f"done: {rounds}, {timing}; {final}")  # why it stopped early: a warning (stderr)
     if args.workdir:
         print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz, checkpoints/")
     else:
@@ -79,29 +87,29 @@ def _train(args, overrides) -> int:
     return 0
 
 
-def _one_line_warning(message, category, filename, lineno, line=None):
-    return f"warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if not debug:
-        warnings.formatwarning = _one_line_warning
-    try:
-        rest, overrides = _split_overrides(argv)
-        args = _parser().parse_args(rest)
-        if args.command == "train":
-            return _train(args, overrides)
-        if args.command == "privacy":
-            return run_privacy(args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        if not debug:  # a warning is one line on stderr, whoever else listens for warnings
+            warnings.showwarning = _show_warning
+        try:
+            rest, overrides = _split_overrides(argv)
+            args = _parser().parse_args(rest)
+            if args.command == "train":
+                return _train(args, overrides)
+            if args.command == "privacy":
+                return run_privacy(args)
+        except UserError as e:
+            if debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

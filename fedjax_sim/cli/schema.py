@@ -15,6 +15,10 @@ keeps those rules complete.
 
 `data` accepts the keys of every source (an override can change `data.source` but cannot
 delete keys), and checks the ones the chosen source reads; the others are ignored by it.
+Likewise `privacy` accepts the keys of both levels, but a key of the other level must keep
+its unset value (None, or 'poisson' for `sampling`), so a setting is never silently
+ignored. Its values are checked by building the `fedjax_sim.privacy` dataclass
+(`privacy_options`), as `checkpoint` is by `CheckpointOptions`.
 
 What needs the data itself (e.g. num_clients larger than the dataset, num_outputs below the
 number of classes, a cnn on flat features) is still checked when the experiment is built.
@@ -32,22 +36,26 @@ import ml_collections
 import numpy as np
 import optax
 
+from fedjax_sim.aggregators.dp import split_noise_multiplier
 from fedjax_sim.algorithms import fedavg
 from fedjax_sim.data.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import tasks, zoo
+from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.simulation.loop import EngineOptions, resolve_engine
 
-__all__ = ["validate_config", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS", "DATA_SOURCES",
-           "DATA_KEYS", "ALGORITHMS", "WEIGHTINGS", "DENSE_IMPLS", "CONV_IMPLS", "ARG_RULES"]
+__all__ = ["validate_config", "privacy_options", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS",
+           "DATA_SOURCES", "DATA_KEYS", "ALGORITHMS", "WEIGHTINGS", "DENSE_IMPLS", "CONV_IMPLS",
+           "ARG_RULES", "PRIVACY_LEVELS", "PRIVACY_LEVEL_KEYS", "PRIVACY_KEYS", "PRIVACY_UNSET",
+           "ADAPTIVE_CLIPPING_KEYS"]
 
 # When a config has no `checkpoint` section (or leaves a key of it out).
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
-                  "algorithm", "engine", "checkpoint")
+                  "algorithm", "engine", "checkpoint", "privacy")
 DATA_SOURCES = ("digits", "diabetes", "synthetic")
 # The `data` keys each source reads (experiment.build_data).
 DATA_KEYS = {
@@ -65,6 +73,19 @@ ALGORITHMS: dict[str, Callable] = {"fedavg": fedavg}
 WEIGHTINGS = ("num_examples", "uniform")  # FedAvg.__post_init__
 DENSE_IMPLS = ("auto", "explicit_transpose", "xla")  # models/dense.py dense_function
 CONV_IMPLS = ("auto", "matmul", "xla")  # models/conv.py conv_function
+# config.privacy: `level` picks the dataclass, whose fields are that level's keys
+# (tests/test_config_validation.py keeps these lists equal to the dataclasses' fields).
+PRIVACY_LEVELS = {"client": ClientLevelDP, "example": ExampleLevelDP}
+PRIVACY_LEVEL_KEYS = {
+    "client": ("noise_multiplier", "delta", "clip_norm", "adaptive_clipping", "sampling",
+               "max_cohort_size", "noise_cohort_size", "accountant", "target_epsilon"),
+    "example": ("clip_norm", "noise_multiplier", "sampling_rate", "delta", "max_batch_size",
+                "accountant", "target_epsilon"),
+}
+PRIVACY_KEYS = ("level", *sorted({k for keys in PRIVACY_LEVEL_KEYS.values() for k in keys}))
+# The value a key of the other level may hold (the dataclass default; None where not listed).
+PRIVACY_UNSET = {"sampling": "poisson"}
+ADAPTIVE_CLIPPING_KEYS = ("target_quantile", "learning_rate", "count_stddev")
 
 
 # -- value predicates ---------------------------------------------------------------------
@@ -239,11 +260,15 @@ def _check_unknown_keys(config) -> None:
         "model": MODEL_KEYS,
         "engine": [f.name for f in dataclasses.fields(EngineOptions)],
         "checkpoint": list(CHECKPOINT_DEFAULTS),
+        "privacy": PRIVACY_KEYS,
     }
     for name, known in fixed_layout.items():
         section = _get(config, name)
         if _is_section(section):
             _check_keys(section, name, known)
+    privacy = _get(config, "privacy")
+    if _is_section(privacy) and _is_section(_get(privacy, "adaptive_clipping")):
+        _check_keys(privacy["adaptive_clipping"], "privacy.adaptive_clipping", ADAPTIVE_CLIPPING_KEYS)
     alg = _get(config, "algorithm")
     if _is_section(alg):
         name = _get(alg, "name", "fedavg")
@@ -412,6 +437,100 @@ def _check_checkpoint(config) -> None:
         raise UserError(f"config.{e}") from None
 
 
+def _privacy_error(e: UserError) -> UserError:
+    """A dataclass's message (naming `privacy.<key>`) as a config error."""
+    message = str(e)
+    return UserError(f"config.{message}" if message.startswith("privacy.")
+                     else f"config.privacy: {message}")
+
+
+_PRIVACY_REQUIRED = {
+    "noise_multiplier": "the noise std / clip norm, e.g. 1.0",
+    "delta": "δ of the (ε, δ) guarantee, well below 1/num_clients (client level) or 1/examples "
+             "per client (example level), e.g. 1e-5",
+    "clip_norm": "the per-example clip norm C, e.g. 1.0",
+    "sampling_rate": "the probability that an example joins a local step's batch, e.g. 0.1",
+}
+
+
+def privacy_options(config) -> ClientLevelDP | ExampleLevelDP | None:
+    """`config.privacy` as `ClientLevelDP` / `ExampleLevelDP` (None when absent or None).
+
+    Checks the section's own keys and values, not how they fit the rest of the config
+    (`validate_config` does that); raises `UserError` naming `config.privacy.<key>`.
+    """
+    section = _section(config, "privacy", required=False)
+    if section is None:
+        return None
+    values = _as_dict(section)
+    _check_keys(values, "privacy", PRIVACY_KEYS)
+    level = values.pop("level", None)
+    if not isinstance(level, str) or level not in PRIVACY_LEVELS:
+        raise UserError(f"config.privacy.level must be one of {list(PRIVACY_LEVELS)} ('client': "
+                        f"DP-FedAvg, 'example': DP-SGD in every client), got {_show(level)}")
+    own = PRIVACY_LEVEL_KEYS[level]
+    for key, value in values.items():
+        if key not in own and value != PRIVACY_UNSET.get(key):
+            other = next(name for name, keys in PRIVACY_LEVEL_KEYS.items() if key in keys)
+            unset = PRIVACY_UNSET.get(key)
+            raise UserError(f"config.privacy.{key} applies to level={other!r}; drop it or set it "
+                            f"to {unset!r} for level={level!r}, got {_show(value)}")
+    cls = PRIVACY_LEVELS[level]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, field in fields.items():
+        if field.default is dataclasses.MISSING and values.get(key) is None:
+            raise UserError(f"config.privacy.{key} is missing; level={level!r} needs it "
+                            f"({_PRIVACY_REQUIRED.get(key, 'see fedjax_sim.privacy')})")
+    kwargs = {k: v for k, v in values.items() if k in fields}
+    adaptive = kwargs.get("adaptive_clipping")
+    if adaptive is not None:
+        if not _is_section(adaptive):
+            raise UserError(f"config.privacy.adaptive_clipping must be None (a fixed clip norm) or "
+                            f"a section, e.g. dict(target_quantile=0.5, learning_rate=0.2), got "
+                            f"{_show(adaptive)}")
+        adaptive = _as_dict(adaptive)
+        _check_keys(adaptive, "privacy.adaptive_clipping", ADAPTIVE_CLIPPING_KEYS)
+    try:
+        if adaptive is not None:
+            kwargs["adaptive_clipping"] = AdaptiveClipping(**adaptive)
+        if kwargs.get("sampling") == "fixed" and kwargs.get("accountant", "rdp") == "pld":
+            raise UserError("privacy.accountant='pld' cannot account for sampling='fixed' "
+                            "(fixed-size sampling without replacement); use accountant='rdp' or "
+                            "sampling='poisson'")
+        return cls(**kwargs)
+    except UserError as e:
+        raise _privacy_error(e) from None
+
+
+def _check_privacy(config) -> None:
+    options = privacy_options(config)
+    if not isinstance(options, ClientLevelDP):
+        return
+    weighting = _get(config["algorithm"], "weighting", "num_examples")
+    if weighting != "uniform":
+        raise UserError(f"config.privacy.level='client' needs config.algorithm.weighting='uniform', "
+                        f"got {weighting!r}: weighting by example counts makes one client's "
+                        f"influence on the aggregate, and so the noise it needs, depend on its "
+                        f"data; set config.algorithm.weighting='uniform'")
+    adaptive = options.adaptive_clipping
+    if adaptive is not None:
+        # dp_fedavg splits the noise multiplier between the clipped count and the update.
+        m = config["clients_per_round"]
+        sigma_b = m / 20.0 if adaptive.count_stddev is None else adaptive.count_stddev
+        scale = 1.0 if options.noise_cohort_size is None else options.noise_cohort_size / m
+        sigma_b *= scale  # the count is noised as the noise cohort's would be
+        try:
+            split_noise_multiplier(options.noise_multiplier, sigma_b)
+        except UserError:
+            default = " (the default: clients_per_round / 20)" if adaptive.count_stddev is None else ""
+            raise UserError(
+                f"config.privacy.adaptive_clipping.count_stddev={adaptive.count_stddev!r} is too "
+                f"small for noise_multiplier={options.noise_multiplier:g}: adaptive clipping splits "
+                f"the noise between the clipped count and the update, which needs 2·σ_b > "
+                f"noise_multiplier, and σ_b is {sigma_b:g}{default}; set count_stddev above "
+                f"{options.noise_multiplier / 2 / scale:g} or lower the noise multiplier") from None
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the whole experiment config; raises `UserError` (one line) on the first problem.
 
@@ -432,6 +551,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_algorithm(config)
         _check_engine(config)
         _check_checkpoint(config)
+        _check_privacy(config)
     except UserError as e:
         message = str(e)
         if "\n" in message:  # keep the CLI's error to one line whatever a value looked like
