@@ -3,7 +3,7 @@ without it.
 
     python benchmarks/privacy.py            # both cases (~5 min on a 2-core CPU)
     python benchmarks/privacy.py --quick    # fewer repetitions
-    python benchmarks/privacy.py --cases a  # only case (a); cases: a, b
+    python benchmarks/privacy.py --cases a  # only case (a); cases: a, b, c
 
 Cases:
   (a) client level, the digits MLP (200-200, 53 k params) of configs/digits_fedavg.py:
@@ -14,8 +14,10 @@ Cases:
       (the cost does not depend on it).
   (b) example level, the EMNIST CNN (1.2 M params) on 28x28x1 inputs: 10 clients per
       round of 100 examples, 5 local steps. Non-private batches of 20 vs DP-SGD with
-      q = 0.2 (expected batch 20) and per-example clipping, with the default batch cap and
-      with a cap of 30.
+      q = 0.2 (expected batch 20, padded to the default cap, 52 here) and per-example
+      clipping; and non-private batches of 52, the same padded shape.
+  (c) client level, the digits CNN of configs/digits_cnn.py (53 k params on 8x8x1): the
+      setting of (a) with more local compute per client.
 Each contender is a full `simulate()`; the number is its `seconds_per_round` (training
 only: compile excluded, the host's per-round accounting included). Contenders run
 round-robin, `--reps` times each, and the medians are compared, so drift in the machine's
@@ -89,17 +91,35 @@ def case_a(reps, rows):
             if s.get("privacy", {}).get("cohort_slots") else "")
 
 
+def case_c(reps, rows):
+    train, _ = fs.data.load_digits(seed=0)
+    data = fs.data.partition(train, train["y"], "dirichlet", 100, seed=0, alpha=0.5)
+    model = fs.models.get_model("cnn", (8, 8, 1), 10)
+    alg = fs.algorithms.fedavg(optax.sgd(0.05), batch_size=10, weighting="uniform")
+    rounds, m = 40, 10
+    contenders = {
+        "FedAvg": lambda: _run(model, alg, data, rounds, m, None),
+        "DP-FedAvg, fixed clip": lambda: _run(model, alg, data, rounds, m, ClientLevelDP(
+            1.0, 1e-3, clip_norm=0.5, sampling="fixed", noise_cohort_size=1000)),
+        "DP-FedAvg, Poisson q=0.1": lambda: _run(model, alg, data, rounds, m, ClientLevelDP(
+            1.0, 1e-3, clip_norm=0.5, noise_cohort_size=1000)),
+    }
+    _report("(c) client level, digits CNN, 10 clients/round", interleaved(contenders, reps),
+            "FedAvg", rows, lambda s: f"slots {s['privacy']['cohort_slots']}"
+            if s.get("privacy", {}).get("cohort_slots") else "")
+
+
 def case_b(reps, rows):
     data = _synthetic(20, 100, (28, 28, 1))
     model = fs.models.get_model("cnn", (28, 28, 1), 10)
     rounds, m, steps = 3, 10, 5
     plain = fs.algorithms.fedavg(optax.sgd(0.05), local_steps=steps, batch_size=20)
+    plain_52 = fs.algorithms.fedavg(optax.sgd(0.05), local_steps=steps, batch_size=52)
     contenders = {
         "SGD, batch 20": lambda: _run(model, plain, data, rounds, m, None),
         "DP-SGD q=0.2, default cap": lambda: _run(model, plain, data, rounds, m, ExampleLevelDP(
             1.0, 1.0, 0.2, 1e-4)),
-        "DP-SGD q=0.2, cap 30": lambda: _run(model, plain, data, rounds, m, ExampleLevelDP(
-            1.0, 1.0, 0.2, 1e-4, max_batch_size=30)),
+        "SGD, batch 52": lambda: _run(model, plain_52, data, rounds, m, None),
     }
     _report("(b) example level, EMNIST CNN, 10 clients/round, 5 steps",
             interleaved(contenders, reps), "SGD, batch 20", rows,
@@ -118,7 +138,7 @@ def _report(title, results, baseline, rows, note):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cases", default="a,b")
+    parser.add_argument("--cases", default="a,b,c")
     parser.add_argument("--reps", type=int, default=None)
     args = parser.parse_args()
     reps = args.reps or (2 if args.quick else 5)
@@ -129,6 +149,8 @@ def main():
         case_a(reps, rows)
     if "b" in cases:
         case_b(max(2, reps // 2), rows)
+    if "c" in cases:
+        case_c(max(2, reps // 2), rows)
     return 0
 
 
