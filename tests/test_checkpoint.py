@@ -176,7 +176,9 @@ def _damage(workdir, step, how):
     open(target, "wb").write(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+# The default suite damages a checkpoint by truncation; `pytest -m slow` also by flipped
+# bits (kept out of the default suite for its time budget).
+@pytest.mark.parametrize("how", ["truncate", pytest.param("corrupt", marks=pytest.mark.slow)])
 def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, how):
     full = _simulate(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
@@ -269,6 +271,7 @@ def test_result_save_load_and_params_export(tmp_path):
         np.testing.assert_array_equal(npz["out/kernel"], np.asarray(result.params["out"]["kernel"]))
 
 
+@pytest.mark.slow  # the Python API's refusal is in the default suite (test above); this is its CLI face
 def test_cli_resume_refuses_a_changed_config_by_key_unless_allowed(tmp_path, capsys):
     from fedjax_sim.cli.main import main
 
