@@ -32,21 +32,12 @@ import sys
 import warnings
 
 import jax
-import numpy as np
 import optax
 
 import fedjax_sim as fs
-from fedjax_sim.data import FederatedData
 from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
 
-
-def _synthetic(num_clients, per_client, shape, seed=0) -> FederatedData:
-    rng = np.random.default_rng(seed)
-    n = num_clients * per_client
-    x = rng.normal(size=(n, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, n).astype(np.int32)
-    return FederatedData({"x": x, "y": y}, np.arange(num_clients + 1) * per_client,
-                         tuple(str(i) for i in range(num_clients)))
+from engine import make_data  # benchmarks/engine.py (this script's directory is on sys.path)
 
 
 def _run(model, algorithm, data, rounds, m, privacy):
@@ -110,7 +101,7 @@ def case_c(reps, rows):
 
 
 def case_b(reps, rows):
-    data = _synthetic(20, 100, (28, 28, 1))
+    data = make_data(20, 100, (28, 28, 1))
     model = fs.models.get_model("cnn", (28, 28, 1), 10)
     rounds, m, steps = 3, 10, 5
     plain = fs.algorithms.fedavg(optax.sgd(0.05), local_steps=steps, batch_size=20)

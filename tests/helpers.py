@@ -26,3 +26,14 @@ def logreg_sgd(kernel, bias, x, y, batches, lr):
         kernel -= lr * gk
         bias -= lr * gb
     return kernel, bias
+
+
+def toy_clients(sizes, features=6, classes=3, seed=0):
+    """(x [n, features] float32, y [n] int32, offsets [C+1]) for clients of the given sizes,
+    with linearly separable-ish labels."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    w = rng.normal(size=(features, classes))
+    y = np.argmax(x @ w + 0.3 * rng.normal(size=(n, classes)), axis=1).astype(np.int32)
+    return x, y, np.concatenate([[0], np.cumsum(sizes)])

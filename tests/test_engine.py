@@ -15,17 +15,12 @@ from fedjax_sim.engine.round import client_randomness, split_round_key
 from fedjax_sim.algorithms import Problem
 from fedjax_sim.models import classification, logistic_regression
 
-from helpers import logreg_sgd
+from helpers import logreg_sgd, toy_clients
 
 
 def _toy(sizes, features=6, classes=3, seed=0):
     """Clients of the given sizes with linearly separable-ish labels."""
-    rng = np.random.default_rng(seed)
-    n = sum(sizes)
-    x = rng.normal(size=(n, features)).astype(np.float32)
-    w = rng.normal(size=(features, classes))
-    y = np.argmax(x @ w + 0.3 * rng.normal(size=(n, classes)), axis=1).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    x, y, offsets = toy_clients(sizes, features, classes, seed)
     return FederatedData({"x": x, "y": y}, offsets, tuple(f"c{i}" for i in range(len(sizes))))
 
 

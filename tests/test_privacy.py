@@ -23,14 +23,12 @@ from fedjax_sim.privacy import (Accountant, AdaptiveClipping, ClientLevelDP, Exa
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
 from fedjax_sim.simulation.private import PrivatePlan
 
+from helpers import toy_clients
+
 
 def _toy(sizes, features=6, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    n = sum(sizes)
-    x = rng.normal(size=(n, features)).astype(np.float32)
-    w = rng.normal(size=(features, classes))
-    y = np.argmax(x @ w + 0.3 * rng.normal(size=(n, classes)), axis=1).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    """Clients of the given sizes with linearly separable-ish labels."""
+    x, y, offsets = toy_clients(sizes, features, classes, seed)
     return FederatedData({"x": x, "y": y}, offsets, tuple(f"c{i}" for i in range(len(sizes))))
 
 
