@@ -178,6 +178,17 @@ def gaussian(noise_multiplier: float, *, expected_clients: float,
     return part(finalize=finalize)
 
 
+def count_noise_stddev(expected_clients: float, count_stddev: float | None = None,
+                       noise_cohort_size: int | None = None) -> tuple[float, float]:
+    """(σ_b, σ_b as the accountant sees it) for adaptive clipping's clipped count: σ_b
+    defaults to expected_clients / 20; with `noise_cohort_size` the count is noised as a
+    cohort of that many clients would noise it, σ_b · noise_cohort_size / expected_clients."""
+    sigma_b = expected_clients / 20.0 if count_stddev is None else float(count_stddev)
+    if noise_cohort_size is None:
+        return sigma_b, sigma_b
+    return sigma_b, sigma_b * noise_cohort_size / expected_clients
+
+
 def split_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
     """The update's noise multiplier z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) when the clipped count uses
     noise σ_b, so that both queries together have multiplier z (Andrew et al. 2021)."""
@@ -210,12 +221,7 @@ def dp_fedavg(noise_multiplier: float, *, expected_clients: float, clip_norm: fl
             raise UserError("clip_norm is required for fixed clipping (or use adaptive clipping)")
         return chain(clip(clip_norm), gaussian(z, expected_clients=m,
                                                noise_cohort_size=noise_cohort_size))
-    sigma_b = m / 20.0 if count_stddev is None else float(count_stddev)
-    if noise_cohort_size is not None:
-        # The count is noised as a cohort of noise_cohort_size clients would noise it.
-        sigma_b_effective = sigma_b * noise_cohort_size / m
-    else:
-        sigma_b_effective = sigma_b
+    sigma_b, sigma_b_effective = count_noise_stddev(m, count_stddev, noise_cohort_size)
     z_update = split_noise_multiplier(z, sigma_b_effective)
     return chain(adaptive_clip(expected_clients=m, initial_clip_norm=0.1 if clip_norm is None else clip_norm,
                                target_quantile=target_quantile, learning_rate=learning_rate,

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fedjax_sim.aggregators.dp import split_noise_multiplier
+from fedjax_sim.aggregators.dp import count_noise_stddev, split_noise_multiplier
 from fedjax_sim.algorithms import fedavg
 from fedjax_sim.data.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
@@ -516,9 +516,8 @@ def _check_privacy(config) -> None:
     if adaptive is not None:
         # dp_fedavg splits the noise multiplier between the clipped count and the update.
         m = config["clients_per_round"]
-        sigma_b = m / 20.0 if adaptive.count_stddev is None else adaptive.count_stddev
+        _, sigma_b = count_noise_stddev(m, adaptive.count_stddev, options.noise_cohort_size)
         scale = 1.0 if options.noise_cohort_size is None else options.noise_cohort_size / m
-        sigma_b *= scale  # the count is noised as the noise cohort's would be
         try:
             split_noise_multiplier(options.noise_multiplier, sigma_b)
         except UserError:
