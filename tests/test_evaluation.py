@@ -41,7 +41,7 @@ def test_per_client_evaluation_equals_numpy_loop_and_skips_empty_clients():
     data, model, params, state, k, b = _setup()
     for chunk in (None, 4):
         per_client = ClientEvaluator(model, fs.models.classification(), data, batch_size=16,
-                                     clients_per_chunk=chunk)(params, state)
+                                     clients_per_chunk=chunk)(params, state)["test"]
         for i in range(data.num_clients):
             c = data.client(i)
             if len(c["y"]) == 0:

@@ -1,13 +1,20 @@
 """The shape every federated algorithm has: a client function and a server function.
 
-    server_init(params)                                  -> server_state
-    broadcast(server_state)                              -> what clients receive
-    client_update(problem, broadcast, local, rng)        -> ClientOutput
-    server_update(server_state, aggregate)               -> server_state
+    server_init(params)                                       -> server_state
+    client_state_init(params)                                 -> one client's state, or None
+    broadcast(server_state)                                   -> what clients receive
+    client_update(problem, broadcast, local, rng, client_state) -> ClientOutput
+    server_update(server_state, aggregate, sums)              -> server_state
 
 `problem` gives the model's masked loss; `local` (engine.local.LocalData) runs the
 client's batch schedule. The engine vmaps `client_update` over the cohort, weights and
 sums the deltas with the aggregator, and calls `server_update` once per round.
+
+Stateful algorithms (SCAFFOLD's control variates, FedPer's personal heads, Ditto's
+personal models) return a `client_state_init`; the engine keeps one row of it per client
+of the whole population ([C, ...] arrays), gathers the cohort's rows inside the round's
+program, hands each client its row and scatters the rows it returns back. Clients that
+are not sampled keep their state unchanged.
 """
 
 from __future__ import annotations
@@ -25,10 +32,31 @@ PyTree = Any
 
 
 class ClientOutput(NamedTuple):
-    """delta = w_global - w_client (a pseudo-gradient); metrics are sums over real examples."""
+    """What one client returns.
+
+    delta: what the aggregator weights and averages (for FedAvg w_global - w_client, a
+      pseudo-gradient); metrics: sums over the client's real examples; client_state: the
+      client's new state (stateful algorithms); extras: values summed WITHOUT weights over
+      the round's clients and handed to `server_update` (e.g. SCAFFOLD's control-variate
+      changes).
+    """
 
     delta: PyTree
     metrics: dict
+    client_state: PyTree = None
+    extras: PyTree = None
+
+
+class RoundSums(NamedTuple):
+    """What `server_update` learns about the round besides the aggregate.
+
+    extras: sum over the clients that took part of their `ClientOutput.extras`;
+    clients: how many clients took part; population: how many clients the dataset has.
+    """
+
+    extras: PyTree
+    clients: jax.Array
+    population: int
 
 
 class Problem(NamedTuple):
@@ -68,25 +96,49 @@ class Problem(NamedTuple):
 
 
 class Algorithm:
-    """Base class; subclasses implement the four functions."""
+    """Base class; subclasses implement the four functions (and the stateful ones).
+
+    Class attributes the engine reads:
+      weighting: 'num_examples' (w_i = n_i) or 'uniform' (w_i = 1).
+      personalized: clients have personal models (`personal_params`), evaluated per client.
+      global_model: the server holds a model that is meaningful on its own (FedPer's is not:
+        its head is never trained), so the pooled test set evaluates it.
+      client_dp: None if client-level DP (clipping and noising the deltas) protects
+        everything the client sends, else why it does not.
+    """
 
     weighting: str = "num_examples"
+    personalized: bool = False
+    global_model: bool = True
+    client_dp: str | None = None
 
     def server_init(self, params: PyTree) -> PyTree:
         raise NotImplementedError
 
+    def client_state_init(self, params: PyTree) -> PyTree:
+        """One client's initial state (no client axis), or None for a stateless algorithm."""
+        del params
+        return None
+
     def broadcast(self, server_state: PyTree) -> PyTree:
         raise NotImplementedError
 
-    def client_update(self, problem: Problem, broadcast: PyTree, local, rng: jax.Array) -> ClientOutput:
+    def client_update(self, problem: Problem, broadcast: PyTree, local, rng: jax.Array,
+                      client_state: PyTree = None) -> ClientOutput:
         raise NotImplementedError
 
-    def server_update(self, server_state: PyTree, aggregate: PyTree) -> PyTree:
+    def server_update(self, server_state: PyTree, aggregate: PyTree, sums: RoundSums) -> PyTree:
         raise NotImplementedError
 
     def params(self, server_state: PyTree) -> PyTree:
         """The global model's parameters in `server_state`."""
         raise NotImplementedError
+
+    def personal_params(self, params: PyTree, client_state: PyTree) -> PyTree:
+        """A client's own model, from the global parameters and its state (personalized
+        algorithms); by default the global model."""
+        del client_state
+        return params
 
     def client_weight(self, num_examples: jax.Array) -> jax.Array:
         if self.weighting == "num_examples":

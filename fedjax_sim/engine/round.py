@@ -5,11 +5,13 @@
                        sampling (each client joins with probability q) padded to m slots
               for each client i in the cohort (vmapped / chunked / mapped):
                   batches from fold_in(key_clients, client_id)
-                  delta_i, metrics_i = algorithm.client_update(...)
+                  s_i = client_states[row(i)]                           (stateful algorithms)
+                  delta_i, metrics_i, s_i', extras_i = algorithm.client_update(..., s_i)
                   summand_i = w_i * aggregator.client(delta_i)          (float32)
               total = sum_i summand_i;  denominator = sum_i w_i
               aggregate = aggregator.finalize(total, denominator) / denominator'
-              server_state = algorithm.server_update(server_state, aggregate)
+              server_state = algorithm.server_update(server_state, aggregate, sum_i extras_i)
+              client_states[row(i)] = s_i'  for the cohort's clients
 
 `RoundProgram.compile(...)` gives `run(state, ..., start, count)`, which runs `count`
 consecutive rounds in one loop inside one compiled program, so there is no host
@@ -25,9 +27,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.aggregators import AggregatorPart, divide
-from fedjax_sim.algorithms.base import Algorithm, Problem
+from fedjax_sim.algorithms.base import Algorithm, Problem, RoundSums
 from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.local import LocalData
@@ -51,8 +54,14 @@ class ClientSampling(NamedTuple):
 
 
 class SimState(NamedTuple):
+    """server: the algorithm's server state; aggregator: the aggregator's state; clients:
+    per-client state of a stateful algorithm, every leaf with a leading axis over the
+    population ([C, ...]), or over a table of rows (see `RoundProgram.compile`); None for a
+    stateless algorithm."""
+
     server: PyTree
     aggregator: PyTree
+    clients: PyTree = None
 
 
 class DeviceData(NamedTuple):
@@ -130,30 +139,49 @@ class RoundProgram:
         self._jit = jax.jit(self._run_rounds, static_argnames=("max_rounds",),
                             donate_argnames=("state",))
 
-    def init(self, params: PyTree) -> SimState:
-        return SimState(self.algorithm.server_init(params), self.aggregator.init(params))
+    def init(self, params: PyTree, client_states: str = "device") -> SimState:
+        """The initial state; a stateful algorithm's client states are C copies of
+        `client_state_init(params)`, as device arrays or (client_states='host') numpy."""
+        return SimState(self.algorithm.server_init(params), self.aggregator.init(params),
+                        self.initial_client_states(params, host=client_states == "host"))
+
+    def initial_client_states(self, params: PyTree, host: bool = False) -> PyTree:
+        one = self.algorithm.client_state_init(params)
+        if one is None:
+            return None
+        if host:
+            return jax.tree_util.tree_map(
+                lambda x: np.repeat(np.asarray(x)[None], self.num_clients, axis=0), one)
+        return jax.tree_util.tree_map(
+            lambda x: jnp.repeat(jnp.asarray(x)[None], self.num_clients, axis=0), one)
 
     def compile(self, state: SimState, data: "DeviceData", model_state: PyTree,
-                root: jax.Array, max_rounds: int):
-        """Compiles once; returns `run(state, data, model_state, root, start, count)`.
+                root: jax.Array, max_rounds: int, rows: jax.Array | None = None):
+        """Compiles once; returns `run(state, data, model_state, root, start, count, rows)`.
 
         `run` executes rounds start .. start+count-1 (count <= max_rounds, not static, so
         any segment length reuses the same executable) and returns the new state and the
         metrics of those rounds, each stacked in a buffer of length max_rounds (entries
         past `count` are zero).
+
+        Client states: with `rows=None`, `state.clients` holds one row per client (row =
+        client id). Otherwise `state.clients` is a smaller table and `rows` ([C] int32) maps
+        each client id to its row there (host-kept states: the table holds the rows of the
+        clients these rounds sample, see engine.client_states).
         """
         compiled = self._jit.lower(state, data, model_state, root, jnp.int32(0), jnp.int32(1),
-                                   max_rounds=max_rounds).compile()
+                                   rows, max_rounds=max_rounds).compile()
 
-        def run(state, data, model_state, root, start, count):
+        def run(state, data, model_state, root, start, count, rows=None):
             if not 1 <= count <= max_rounds:
                 raise ValueError(f"count must be in [1, {max_rounds}], got {count}")
-            return compiled(state, data, model_state, root, jnp.int32(start), jnp.int32(count))
+            return compiled(state, data, model_state, root, jnp.int32(start), jnp.int32(count),
+                            rows)
 
         return run
 
     # -- inside the jit ---------------------------------------------------------------
-    def _run_rounds(self, state, data, model_state, root, start, count, *, max_rounds):
+    def _run_rounds(self, state, data, model_state, root, start, count, rows, *, max_rounds):
         if self._hoist_draws(max_rounds):
             rounds = start + jnp.arange(max_rounds, dtype=jnp.int32)
             draws = jax.vmap(lambda r: self._draw_round(root, r, per_client=True))(rounds)
@@ -161,12 +189,12 @@ class RoundProgram:
         else:
             drawn_for = lambda i: self._draw_round(root, start + i, per_client=False)
         shapes = jax.eval_shape(
-            lambda s: self._round(s, data, model_state, drawn_for(0))[1], state)
+            lambda s: self._round(s, data, model_state, drawn_for(0), rows)[1], state)
         buffer = jax.tree_util.tree_map(lambda sd: jnp.zeros((max_rounds, *sd.shape), sd.dtype), shapes)
 
         def one(i, carry):
             state, buffer = carry
-            state, metrics = self._round(state, data, model_state, drawn_for(i))
+            state, metrics = self._round(state, data, model_state, drawn_for(i), rows)
             buffer = jax.tree_util.tree_map(lambda b, m: b.at[i].set(m), buffer, metrics)
             return state, buffer
 
@@ -225,11 +253,14 @@ class RoundProgram:
         size = max_rounds * self.clients_per_round * (num_bits + 16) * 4
         return max_rounds > 1 and size <= HOISTED_DRAW_BYTES
 
-    def _round(self, state: SimState, data: DeviceData, model_state, drawn: "RoundDraws"):
+    def _round(self, state: SimState, data: DeviceData, model_state, drawn: "RoundDraws",
+               rows: jax.Array | None = None):
         algorithm, aggregator = self.algorithm, self.aggregator
         problem = self.problem._replace(model_state=model_state)
         cohort = drawn.cohort
         broadcast = algorithm.broadcast(state.server)
+        table = state.clients
+        row_of = (lambda cid: cid) if rows is None else (lambda cid: rows[cid])
 
         def client(per_client):
             cid, live, drawn_for_client = per_client
@@ -241,26 +272,41 @@ class RoundProgram:
                           if self.schedule.sampling_rate is not None else None)
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
                               live=steps_live)
-            out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local, k_train)
+            # The client's state row is gathered here, inside the map, so only a chunk's
+            # rows are materialised at a time.
+            own = (None if table is None else
+                   jax.tree_util.tree_map(lambda t: t[row_of(cid)], table))
+            out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local,
+                                          k_train, client_state=own)
             delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
             # A padding slot (Poisson sampling) weighs nothing and reports nothing.
             weight = jnp.where(live, algorithm.client_weight(n), 0.0)
             keep = lambda tree: jax.tree_util.tree_map(lambda v: jnp.where(live, v, 0), tree)
-            return weight, delta, (keep(out.metrics), keep(report))
+            return weight, delta, (keep(out.metrics), keep(report), out.client_state,
+                                   keep(out.extras))
 
         if self.sampling.kind == "poisson":
             # The real clients fill the first slots: run only the chunks that hold them.
-            total, denominator, (train_sums, client_reports) = map_clients(
+            total, denominator, (train_sums, client_reports, new_rows, extras) = map_clients(
                 client, (cohort, drawn.live, drawn.clients), self._poisson_chunk(),
                 count=jnp.sum(drawn.live.astype(jnp.int32)))
         else:
-            total, denominator, (train_sums, client_reports) = map_clients(
+            total, denominator, (train_sums, client_reports, new_rows, extras) = map_clients(
                 client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
         num_live = jnp.sum(drawn.live.astype(jnp.float32))
         reports = {k: jnp.sum(v) for k, v in client_reports.items()}
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
             total, denominator, {**reports, "clients": num_live}, state.aggregator, drawn.k_agg)
-        server = algorithm.server_update(state.server, divide(total, denominator))
+        sums = RoundSums(jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), extras), num_live,
+                         self.num_clients)
+        server = algorithm.server_update(state.server, divide(total, denominator), sums)
+        if table is not None:
+            # Scatter the cohort's new rows back; padding slots (Poisson) write nothing (their
+            # index is out of range and dropped), and a real cohort never repeats a client.
+            size = jax.tree_util.tree_leaves(table)[0].shape[0]
+            target = jnp.where(drawn.live, row_of(cohort), size)
+            table = jax.tree_util.tree_map(
+                lambda t, new: t.at[target].set(new.astype(t.dtype), mode="drop"), table, new_rows)
 
         # Training metrics are means over every example processed by the cohort this round;
         # the aggregator's per-client reports are means over the round's clients.
@@ -278,4 +324,4 @@ class RoundProgram:
                   if jnp.issubdtype(x.dtype, jnp.inexact)]
         metrics["_params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) \
             if leaves else jnp.bool_(True)
-        return SimState(server, agg_state), metrics
+        return SimState(server, agg_state, table), metrics

@@ -87,10 +87,12 @@ def to_host(tree: PyTree) -> PyTree:
 
 
 def from_host(template: PyTree, host: PyTree) -> PyTree:
-    """Inverse of `to_host`, with the container types and key types of `template`."""
+    """Inverse of `to_host`, with the container types and key types of `template`; leaves
+    that are numpy arrays in `template` (e.g. client states kept on host) stay numpy."""
     leaves, treedef = jax.tree_util.tree_flatten(template)
     values = treedef.flatten_up_to(host)
     out = [jax.random.wrap_key_data(np.asarray(v), impl=jax.random.key_impl(t)) if _is_key(t)
+           else np.asarray(v, dtype=t.dtype) if isinstance(t, np.ndarray)
            else jax.numpy.asarray(v, dtype=t.dtype) for t, v in zip(leaves, values)]
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -8,14 +8,17 @@ per-client metric: researchers care about the worst clients, not only the mean.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedjax_sim.engine.cohort import map_clients
+from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
 
@@ -68,12 +71,58 @@ class CentralEvaluator:
         return self._evaluate(params, model_state, self._batches, self._mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTune:
+    """Personalized evaluation by local fine-tuning (e.g. Wang et al. 2019, pfl-research).
+
+    Before each per-client evaluation, every evaluation client takes `steps` steps of
+    `optimizer` (default SGD at `learning_rate`) on batches of `batch_size` examples of its
+    OWN training split, starting from its model (the global model, or its personal model
+    for personalized algorithms), and is evaluated again. Metrics before and after are
+    reported side by side (`client_test_*` / `client_personal_*` and
+    `client_finetuned_*`). The fine-tuned models are thrown away: training is unaffected.
+    """
+
+    steps: int = 5
+    learning_rate: float = 0.01
+    batch_size: int | None = 10
+    optimizer: optax.GradientTransformation | None = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise UserError(f"FineTune.steps must be an integer >= 1, got {self.steps!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise UserError(f"FineTune.learning_rate must be a number > 0, got {self.learning_rate!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(
+                self.batch_size, int) or self.batch_size < 1):
+            raise UserError(f"FineTune.batch_size must be an integer >= 1 or None (full batch), "
+                            f"got {self.batch_size!r}")
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        return self.optimizer or optax.sgd(self.learning_rate)
+
+
+# Fine-tuning randomness: fold_in(fold_in(root, FINETUNE_STREAM), client id).
+FINETUNE_STREAM = 0xF17E
+
+
 class ClientEvaluator:
-    """Per-client loss and metrics of one model on every client of a FederatedData."""
+    """Per-client loss and metrics on every client of a FederatedData, in one program.
+
+    For each evaluation client it reports (each a `{metric: [C]}` dict, see `__call__`):
+      'test':      the global model (if the algorithm has one);
+      'personal':  the client's personal model, `personalize(params, client_state)`;
+      'finetuned': that model after `finetune` steps on the client's own training rows.
+    The clients run vmapped in chunks of `clients_per_chunk`.
+    """
 
     def __init__(self, model: Model, task: Task, data, *, input_key: str = "x",
-                 batch_size: int = 256, clients_per_chunk: int | None = 64):
+                 batch_size: int = 256, clients_per_chunk: int | None = 64,
+                 global_model: bool = True, personalize=None, finetune: FineTune | None = None,
+                 train_data=None, root: jax.Array | None = None):
         self.client_ids = data.client_ids
+        self.num_clients = data.num_clients
+        self.personalized = personalize is not None
         sizes = np.asarray(data.client_sizes)
         max_n = max(1, int(sizes.max()))
         b = max(1, min(batch_size, max_n))
@@ -82,37 +131,137 @@ class ClientEvaluator:
         features = {k: jax.device_put(data.features[k]) for k in keys}
         offsets = jnp.asarray(data.offsets[:-1], jnp.int32)
         sizes_d = jnp.asarray(sizes, jnp.int32)
-        num_clients = len(sizes)
+        # Row of each evaluation client in the training data (and its client-state table).
+        self.train_rows = np.arange(self.num_clients, dtype=np.int32)
+        if train_data is not None and (self.personalized or finetune is not None):
+            self.train_rows = _train_rows(data.client_ids, train_data.client_ids)
+        tune = None
+        if finetune is not None:
+            tune = _fine_tuner(model, task, input_key, finetune, train_data, root)
 
-        def evaluate(params, model_state, features, offsets, sizes):
-            def one_client(cid):
-                def body(acc, j):
-                    local = j * b + jnp.arange(b)
-                    mask = local < sizes[cid]
-                    rows = offsets[cid] + jnp.where(mask, local, 0)
-                    batch = {k: v[rows] for k, v in features.items()}
-                    sums = _masked_sums(model, task, input_key, params, model_state, batch, mask)
-                    return jax.tree_util.tree_map(jnp.add, acc, sums), None
+        def sums_of(params, model_state, cid):
+            def body(acc, j):
+                local = j * b + jnp.arange(b)
+                mask = local < sizes_d[cid]
+                rows = offsets[cid] + jnp.where(mask, local, 0)
+                batch = {k: v[rows] for k, v in features.items()}
+                out = _masked_sums(model, task, input_key, params, model_state, batch, mask)
+                return jax.tree_util.tree_map(jnp.add, acc, out), None
 
-                zero = _zero_sums(model, task, input_key, params, model_state,
-                                  {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool))
-                sums, _ = jax.lax.scan(body, zero, jnp.arange(num_batches))
-                return jnp.float32(0), jnp.float32(0), sums
+            zero = _zero_sums(model, task, input_key, params, model_state,
+                              {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool))
+            return jax.lax.scan(body, zero, jnp.arange(num_batches))[0]
 
-            _, _, sums = map_clients(one_client, jnp.arange(num_clients, dtype=jnp.int32),
-                                     clients_per_chunk)
+        def evaluate(params, model_state, ids, train_rows, states):
+            def one_client(per_client):
+                cid, train_row, state = per_client
+                out = {}
+                if global_model:
+                    out["test"] = sums_of(params, model_state, cid)
+                own = personalize(params, state) if personalize is not None else params
+                if personalize is not None:
+                    out["personal"] = sums_of(own, model_state, cid)
+                if tune is not None:
+                    out["finetuned"] = sums_of(tune(own, model_state, train_row), model_state, cid)
+                return jnp.float32(0), jnp.float32(0), out
+
+            _, _, sums = map_clients(one_client, (ids, train_rows, states), clients_per_chunk)
             return sums
 
-        self._evaluate = jax.jit(lambda p, s: evaluate(p, s, features, offsets, sizes_d))
+        self._evaluate = jax.jit(evaluate)
+        self._features = (features, offsets, sizes_d)
 
-    def __call__(self, params, model_state) -> dict:
-        """Per-client metrics `{name: [C]}` (NaN for clients with no examples) and `count`."""
-        sums = jax.device_get(self._evaluate(params, model_state))
-        count = sums.pop("count")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_client = {k: np.where(count > 0, v / count, np.nan) for k, v in sums.items()}
-        per_client["count"] = count
-        return per_client
+    def __call__(self, params, model_state, client_states=None) -> dict:
+        """Per-client metrics: {'test' | 'personal' | 'finetuned': {name: [C], 'count': [C]}}
+        (NaN for clients with no examples).
+
+        `client_states`: the algorithm's client-state table (rows indexed like the training
+        clients), needed by personalized algorithms; device arrays, or numpy arrays kept on
+        host (then streamed in blocks of clients).
+        """
+        ids = np.arange(self.num_clients, dtype=np.int32)
+        if not self.personalized:
+            sums = self._evaluate(params, model_state, ids, self.train_rows, None)
+        elif not _on_host(client_states):
+            states = jax.tree_util.tree_map(lambda t: t[self.train_rows], client_states)
+            sums = self._evaluate(params, model_state, ids, self.train_rows, states)
+        else:
+            sums = self._host_blocks(params, model_state, client_states)
+        sums = jax.device_get(sums)
+        out = {}
+        for name, part in sums.items():
+            count = part.pop("count")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_client = {k: np.where(count > 0, v / count, np.nan) for k, v in part.items()}
+            per_client["count"] = count
+            out[name] = per_client
+        return out
+
+    def _host_blocks(self, params, model_state, host_states, block: int = 1024):
+        parts = []
+        for lo in range(0, self.num_clients, block):
+            ids = np.arange(lo, lo + block, dtype=np.int32) % self.num_clients
+            rows = self.train_rows[ids]
+            states = jax.tree_util.tree_map(lambda t: jnp.asarray(t[rows]), host_states)
+            parts.append(jax.device_get(self._evaluate(params, model_state, ids, rows, states)))
+        joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
+        return jax.tree_util.tree_map(lambda x: x[:self.num_clients], joined)
+
+
+def _on_host(tree) -> bool:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return bool(leaves) and isinstance(leaves[0], np.ndarray)
+
+
+def _train_rows(eval_ids, train_ids) -> np.ndarray:
+    """Index in the training data of each evaluation client, matched by client id."""
+    index = {cid: i for i, cid in enumerate(train_ids)}
+    missing = [cid for cid in eval_ids if cid not in index]
+    if missing:
+        raise UserError(f"{len(missing)} per-client evaluation client(s) (e.g. {missing[0]!r}) "
+                        f"are not among the training clients; personal models and fine-tuning "
+                        f"need each evaluation client's own training split (split one "
+                        f"FederatedData with .split())")
+    return np.asarray([index[cid] for cid in eval_ids], np.int32)
+
+
+def _fine_tuner(model: Model, task: Task, input_key: str, finetune: FineTune, train_data,
+                root: jax.Array | None):
+    """tune(params, model_state, train_row) -> params after `finetune.steps` local steps."""
+    from fedjax_sim.algorithms.base import Problem
+    from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
+    from fedjax_sim.engine.local import LocalData
+
+    if train_data is None:
+        raise UserError("fine-tuning evaluation needs the training data of the evaluation clients")
+    max_size = train_data.max_client_size
+    schedule = make_schedule(max_size, batch_size=finetune.batch_size, local_epochs=None,
+                             local_steps=finetune.steps)
+    features = {k: jax.device_put(train_data.features[k]) for k in (input_key, task.label_key)}
+    offsets = jnp.asarray(train_data.offsets[:-1], jnp.int32)
+    sizes = jnp.asarray(train_data.client_sizes, jnp.int32)
+    stream = jax.random.fold_in(root if root is not None else jax.random.key(0), FINETUNE_STREAM)
+    optimizer = finetune.make_optimizer()
+    num_bits = bits_needed(schedule, max_size)
+
+    def tune(params, model_state, row):
+        problem = Problem(model, task, model_state, input_key)
+        key = jax.random.fold_in(stream, row)
+        k_bits, k_train = jax.random.split(key)
+        bits = jax.random.bits(k_bits, (num_bits,), jnp.uint32)
+        idx, mask = client_batches(schedule, bits, sizes[row], max_size)
+        local = LocalData(features, offsets[row], idx, mask, sizes[row], row, unroll=True)
+
+        def step(carry, batch, m, k):
+            p, opt_state = carry
+            grads, metrics = problem.gradient(p, batch, m, k)
+            updates, opt_state = optimizer.update(grads, opt_state, p)
+            return (optax.apply_updates(p, updates), opt_state), metrics
+
+        (tuned, _), _ = local.run(step, (params, optimizer.init(params)), k_train)
+        return tuned
+
+    return tune
 
 
 def summarize_clients(per_client: dict, prefix: str = "client_") -> dict:

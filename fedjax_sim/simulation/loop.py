@@ -23,6 +23,7 @@ import numpy as np
 from fedjax_sim.aggregators import AggregatorPart, weighted_mean
 from fedjax_sim.algorithms.base import Algorithm, Problem
 from fedjax_sim.engine.batching import make_schedule
+from fedjax_sim.engine.client_states import PLACEMENTS, HostClientStates, resolve_placement
 from fedjax_sim.engine.round import DeviceData, RoundProgram
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
@@ -30,7 +31,8 @@ from fedjax_sim.models.tasks import Task, classification
 from fedjax_sim.simulation.checkpoint import (CheckpointOptions, RunCheckpoints, checksum,
                                               config_differences, export_params, from_host,
                                               to_host, tree_spec)
-from fedjax_sim.simulation.evaluation import CentralEvaluator, ClientEvaluator, summarize_clients
+from fedjax_sim.simulation.evaluation import (CentralEvaluator, ClientEvaluator, FineTune,
+                                              summarize_clients)
 from fedjax_sim.simulation.private import PrivatePlan, warn_stop
 
 PyTree = Any
@@ -60,11 +62,20 @@ class EngineOptions:
     rounds_per_call: how many rounds one compiled call runs back to back; 'auto' adapts
       it to about TARGET_SECONDS_PER_CALL of work per call (no recompilation: the round
       count is a runtime argument).
+    client_states: where a stateful algorithm's per-client states live: 'device', 'host'
+      (streamed per call, engine.client_states), or 'auto' (device while they take at most
+      a quarter of the accelerator's memory; always device on CPU).
     """
 
     clients_per_chunk: int | None | str = "auto"
     unroll: int | bool | str = "auto"
     rounds_per_call: int | str = "auto"
+    client_states: str = "auto"
+
+    def __post_init__(self):
+        if self.client_states not in PLACEMENTS:
+            raise UserError(f"engine.client_states must be one of {list(PLACEMENTS)}, got "
+                            f"{self.client_states!r}")
 
 
 def has_convolution(model: Model, params, model_state, example_x) -> bool:
@@ -146,7 +157,10 @@ class Result:
 
     params / model_state: the final global model; server_state: the algorithm's full
     server state; history: one dict per round (what metrics.jsonl holds); summary:
-    final evaluation, timings and engine choices.
+    final evaluation, timings and engine choices; client_states: a stateful algorithm's
+    per-client states ([C, ...] leaves; None if stateless); client_metrics: the last
+    per-client evaluation, {'client_ids': [...], 'test' | 'personal' | 'finetuned':
+    {metric: [C] array}} (None without client_eval_data).
 
     `save(path)` writes it to a directory (orbax arrays + JSON) and `Result.load(path)` reads
     it back; `export_params(path)` writes the final parameters to a plain `.npz` file for use
@@ -158,6 +172,8 @@ class Result:
     server_state: PyTree
     history: list[dict]
     summary: dict
+    client_states: PyTree = None
+    client_metrics: dict | None = None
 
     def save(self, path: str) -> None:
         """Writes the result to directory `path` (which must not exist yet)."""
@@ -199,12 +215,15 @@ class Result:
                                     f"arrays; load it without a template")
                 arrays = from_host(template._arrays(), arrays)
         return cls(arrays["params"], arrays["model_state"], arrays["server_state"],
-                   meta["history"], meta["summary"])
+                   meta["history"], meta["summary"], arrays.get("client_states"))
 
     def _arrays(self) -> dict:
         """The arrays `save` writes, as one tree."""
-        return {"params": self.params, "model_state": self.model_state,
-                "server_state": self.server_state}
+        arrays = {"params": self.params, "model_state": self.model_state,
+                  "server_state": self.server_state}
+        if self.client_states is not None:
+            arrays["client_states"] = self.client_states
+        return arrays
 
     def export_params(self, path: str) -> None:
         """Writes the final global parameters to a `.npz` file (one array per leaf, named
@@ -249,6 +268,7 @@ def simulate(
     task: Task | None = None,
     eval_data: dict | None = None,
     client_eval_data=None,
+    finetune: FineTune | None = None,
     eval_every: int = 10,
     eval_batch_size: int = 256,
     seed: int = 0,
@@ -274,7 +294,11 @@ def simulate(
       task: loss and metrics (default: classification).
       eval_data: a pooled test set (dict of arrays) for centralized `test_*` metrics.
       client_eval_data: a `FederatedData` with the same clients' held-out examples for
-        per-client `client_test_*` metrics (mean, percentiles, min).
+        per-client `client_test_*` metrics (mean, percentiles, min); personalized
+        algorithms add `client_personal_*` (each client's own model).
+      finetune: `FineTune(steps, learning_rate, batch_size)`: per-client evaluation also
+        fine-tunes each evaluation client's model on its own training split and reports
+        `client_finetuned_*` (needs `client_eval_data`).
       eval_every: evaluate after every this many rounds, and after the last.
       seed: the one root of all randomness (init, sampling, shuffling, dropout).
       aggregator: aggregator part(s) (default: weighted mean).
@@ -356,10 +380,18 @@ def simulate(
     data = DeviceData.from_federated(train_data)
     central = CentralEvaluator(model, task, eval_data, input_key=input_key,
                                batch_size=eval_batch_size) if eval_data is not None else None
-    per_client = ClientEvaluator(model, task, client_eval_data, input_key=input_key,
-                                 batch_size=eval_batch_size) if client_eval_data is not None else None
+    personalize = algorithm.personal_params if algorithm.personalized else None
+    per_client = ClientEvaluator(
+        model, task, client_eval_data, input_key=input_key, batch_size=eval_batch_size,
+        global_model=algorithm.global_model, personalize=personalize, finetune=finetune,
+        train_data=train_data, root=root) if client_eval_data is not None else None
+    if not algorithm.global_model:
+        central = None  # e.g. FedPer: the server's head is never trained
 
-    state = program.init(params)
+    one_client = algorithm.client_state_init(params)
+    placement = None if one_client is None else resolve_placement(
+        engine.client_states, one_client, train_data.num_clients, backend)
+    state = program.init(params, placement or "device")
     if workdir:
         _prepare_workdir(workdir)
     ckpt = None
@@ -385,6 +417,10 @@ def simulate(
     # Training ends at `end`: `rounds`, or earlier where the privacy budget runs out (known
     # up front at the client level; checked before every call at the example level).
     end = rounds
+    host_states = None
+    if placement == "host":
+        host_states = HostClientStates(train_data.num_clients,
+                                       choice["rounds_per_call"] * slots)
     if plan:
         plan.recount(program, root, done)
         if plan.level == "client":
@@ -412,12 +448,18 @@ def simulate(
         _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
         params = algorithm.params(state.server)
         export_params(params, os.path.join(workdir, "params.npz"))
-        return Result(params, model_state, state.server, history, summary)
+        return Result(params, model_state, state.server, history, summary, state.clients)
 
     every = checkpoint.every_rounds if ckpt is not None else None
     per_call = min(choice["rounds_per_call"], eval_every, rounds, every or rounds)
     t0 = time.perf_counter()
-    run = program.compile(state, data, model_state, root, per_call)
+    if host_states is None:
+        run = program.compile(state, data, model_state, root, per_call)
+    else:
+        host_states.table_rows = per_call * slots
+        table, rows = host_states.template(state.clients)
+        run = _streamed(program.compile(state._replace(clients=table), data, model_state, root,
+                                        per_call, rows), program, host_states)
     compile_seconds = time.perf_counter() - t0
 
     writer = None
@@ -426,6 +468,7 @@ def simulate(
         _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
         writer = open(os.path.join(workdir, "metrics.jsonl"), "a")
     bar = _progress_bar(rounds, progress, initial=done)
+    client_metrics = None
     train_seconds = 0.0
     saved_round, last_save = done, time.perf_counter()
     start_round = done
@@ -468,8 +511,9 @@ def simulate(
                                 f"client or server learning rate{last_good}")
             done += count
             if done % eval_every == 0 or last:
-                rows[-1].update(_evaluate(algorithm.params(state.server), model_state,
-                                          central, per_client))
+                evaluated, client_metrics = _evaluate(algorithm.params(state.server), model_state,
+                                                      central, per_client, state.clients)
+                rows[-1].update(evaluated)
             _log(rows, history, writer, callback)
             bar.update(count, rows[-1], (done - start_round) / max(train_seconds, 1e-9))
             if ckpt is not None and (last or (every and done % every == 0) or (
@@ -511,7 +555,23 @@ def simulate(
     if workdir:
         _write_json(os.path.join(workdir, "summary.json"), summary)
         export_params(params, os.path.join(workdir, "params.npz"))
-    return Result(params, model_state, state.server, history, summary)
+        if client_metrics is not None:
+            _write_json(os.path.join(workdir, "client_metrics.json"), client_metrics)
+    return Result(params, model_state, state.server, history, summary, state.clients,
+                  client_metrics)
+
+
+def _streamed(run, program: RoundProgram, store: HostClientStates):
+    """`run` for client states kept on host: each call takes the rows its rounds sample
+    to the device and writes them back afterwards (engine.client_states)."""
+    def run_streamed(state, data, model_state, root, start, count):
+        cohorts, live = jax.device_get(program.cohorts(root, start, count))
+        table, rows, ids = store.take(state.clients, cohorts, live)
+        new, metrics = run(state._replace(clients=table), data, model_state, root, start, count,
+                           rows)
+        return new._replace(clients=store.put(state.clients, new.clients, ids)), metrics
+
+    return run_streamed
 
 
 def _checkpoint_tree(state, model_state) -> dict:
@@ -581,7 +641,7 @@ def _prepare_workdir(workdir):
 
 def _final_metrics(row: dict) -> dict:
     """The evaluation metrics of a (last) metrics row."""
-    return {k: v for k, v in row.items() if k.startswith(("test_", "client_test_"))}
+    return {k: v for k, v in row.items() if k.startswith(("test_", "client_"))}
 
 
 def _atomic_write(path, text: str):
@@ -649,13 +709,19 @@ def _scalar(x):
     return x.item() if x.ndim == 0 else x.tolist()
 
 
-def _evaluate(params, model_state, central, per_client) -> dict:
-    out = {}
+def _evaluate(params, model_state, central, per_client, client_states=None):
+    """(metrics row entries, per-client metrics or None)."""
+    out, clients = {}, None
     if central is not None:
         out.update({f"test_{k}": float(v) for k, v in jax.device_get(central(params, model_state)).items()})
     if per_client is not None:
-        out.update(summarize_clients(per_client(params, model_state), prefix="client_test_"))
-    return out
+        parts = per_client(params, model_state, client_states)
+        for name, values in parts.items():
+            out.update(summarize_clients(values, prefix=f"client_{name}_"))
+        clients = {"client_ids": [str(c) for c in per_client.client_ids],
+                   **{name: {k: np.asarray(v).tolist() for k, v in values.items()}
+                      for name, values in parts.items()}}
+    return out, clients
 
 
 class _progress_bar:

@@ -100,6 +100,10 @@ class PrivatePlan:
             if aggregator is not None:
                 raise UserError("pass either aggregator= or privacy=ClientLevelDP(...), not both: "
                                 "client-level DP builds its own aggregator (clip + gaussian)")
+            if getattr(algorithm, "client_dp", None):
+                raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
+                                f"{algorithm.client_dp}; use FedAvg/FedProx/FedPer/Ditto, or "
+                                f"example-level DP (DP-SGD)")
             if getattr(algorithm, "weighting", None) != "uniform":
                 raise UserError("client-level DP needs algorithm weighting='uniform': weighting "
                                 "by example counts makes one client's influence on the aggregate, "
