@@ -71,7 +71,8 @@ def test_diabetes_regression_config_beats_constant_predictor():
 # others differ from these only in values that test_config_validation checks up front
 # (the server optimizer, a model of the same family, a privacy option), and run here and
 # in full (test_configs_slow) under `pytest -m slow`.
-QUICK_CONFIGS = {"digits_fedavg.py", "diabetes_fedsgd.py", "synthetic_fedavg.py", "digits_dp_sgd.py"}
+QUICK_CONFIGS = {"digits_fedavg.py", "diabetes_fedsgd.py", "synthetic_fedavg.py", "digits_dp_sgd.py",
+                 "digits_fedper.py"}
 
 
 @pytest.mark.parametrize("config", [
@@ -84,6 +85,8 @@ def test_every_shipped_config_builds_and_runs_two_rounds(config, capsys):
     assert "done: 2 rounds" in out
     if "dp_" in config:  # the privacy spent is part of the result
         assert re.search(r"ε=[0-9.]+ \(δ=", out), out
+    if config in ("digits_fedper.py", "digits_ditto.py", "synthetic_fedper.py", "synthetic_ditto.py"):
+        assert re.search(r"client_personal_accuracy_mean=[0-9.]+, client_finetuned_accuracy_mean=", out), out
 
 
 def _error_line(capsys, *overrides, config="digits_fedavg.py"):

@@ -119,8 +119,33 @@ BAD = [
     ("synthetic_fedavg", {"model.args": "{'hidden': [10]}"},
      "unknown argument 'hidden' for model 'logistic_regression'"),
     # algorithm
+    ("digits_fedavg", {"algorithm.name": "fedprx"},
+     "config.algorithm.name='fedprx' is not known; choose one of ['fedavg', 'fedprox', "
+     "'scaffold', 'fednova', 'fedper', 'ditto']"),
     ("digits_fedavg", {"algorithm.name": "fedprox"},
-     "config.algorithm.name='fedprox' is not known; choose one of ['fedavg']"),
+     "config.algorithm.mu is missing; fedprox needs it (a number >= 0)"),
+    ("digits_fedprox", {"algorithm.mu": "-1"}, "config.algorithm.mu must be a number >= 0, got -1"),
+    ("digits_scaffold", {"algorithm.learning_rate": "0"},
+     "config.algorithm.learning_rate must be a number > 0, got 0"),
+    ("digits_scaffold", {"algorithm.global_learning_rate": "None"},
+     "config.algorithm.global_learning_rate must be a number > 0, got None"),
+    ("digits_scaffold", {"algorithm.server_optimizer": "{'name': 'adamw', 'learning_rate': 1}"},
+     None),  # a server optimizer may replace the global step size
+    ("digits_fednova", {"algorithm.momentum": "1.0"},
+     "config.algorithm.momentum must be a number in [0, 1), got 1.0"),
+    ("digits_fednova", {"algorithm.proximal_mu": "0.1"},
+     "config.algorithm: FedNova with both momentum and a proximal term is not supported"),
+    ("digits_fedper", {"algorithm.head": "''"}, "config.algorithm.head must be a parameter path prefix"),
+    ("digits_fedper", {"algorithm.head_passes": "0"},
+     "config.algorithm.head_passes must be an integer >= 1 (FedRep) or None (FedPer), got 0"),
+    ("digits_ditto", {"algorithm.lam": "-0.1"}, "config.algorithm.lam must be a number >= 0, got -0.1"),
+    ("digits_ditto", {"algorithm.personal_optimizer": "{'name': 'sgd'}"},
+     "config.algorithm.personal_optimizer.learning_rate must be a number > 0, got None"),
+    ("digits_ditto", {"finetune.steps": "0"}, "config.finetune: FineTune.steps must be an integer >= 1, got 0"),
+    ("digits_ditto", {"finetune": "{'step': 3}"},
+     "unknown config key 'finetune.step'; did you mean 'finetune.steps'?"),
+    ("digits_ditto", {"data.client_test_fraction": "0"},
+     "config.finetune needs per-client test splits; set config.data.client_test_fraction"),
     ("digits_fedavg", {"algorithm.client_optimizer.name": "sgdd"},
      "config.algorithm.client_optimizer.name='sgdd' is not an optax optimizer; did you mean 'sgd'?"),
     ("digits_fedavg", {"algorithm.server_optimizer.name": "chain"},
@@ -174,7 +199,7 @@ BAD = [
      "known keys in config.checkpoint: every_rounds, every_seconds, max_to_keep"),
     ("digits_fedavg", {"engine": "{'unrol': 2}"},
      "unknown config key 'engine.unrol'; did you mean 'engine.unroll'? known keys in config.engine: "
-     "clients_per_chunk, rounds_per_call, unroll"),
+     "client_states, clients_per_chunk, rounds_per_call, unroll"),
     ("digits_fedavg", {"model": "{'name': 'mlp', 'arg': {}}"},
      "unknown config key 'model.arg'; did you mean 'model.args'?"),
     ("digits_fedavg", {"data": "{'source': 'digits', 'num_client': 10}"},
@@ -236,6 +261,9 @@ BAD = [
 @pytest.mark.parametrize("name,overrides,expected", BAD,
                          ids=[f"{n}:{','.join(o)}={','.join(o.values())}" for n, o, _ in BAD])
 def test_bad_value_gives_one_line_error(name, overrides, expected):
+    if expected is None:
+        validate_config(_config(overrides, name))
+        return
     message = _error(_config(overrides, name))
     assert expected in message, message
 
@@ -383,6 +411,17 @@ def test_every_partitioner_and_model_argument_has_a_rule():
     for name, fn in zoo.ZOO.items():
         missing = _taken(fn, schema._MODEL_FIXED) - set(schema.ARG_RULES["model"])
         assert not missing, f"model {name!r}: add ARG_RULES['model'] for {missing}"
+
+
+def test_every_algorithm_parameter_is_checked():
+    """Each builder parameter is an optimizer section, part of the local schedule, or has an
+    ALGORITHM_RULES entry; and the defaults of optional ones are accepted."""
+    for name, builder in schema.ALGORITHMS.items():
+        for param in inspect.signature(builder).parameters:
+            assert (param.endswith("optimizer") or param in schema._SCHEDULE_KEYS
+                    or param in schema.ALGORITHM_RULES), f"{name}: add a rule for {param!r}"
+    from fedjax_sim.simulation.evaluation import FineTune
+    assert set(schema.FINETUNE_KEYS) | {"optimizer"} == {f.name for f in dataclasses.fields(FineTune)}
 
 
 def _quoted(message):

@@ -111,6 +111,10 @@ def scaffold(learning_rate: float, global_learning_rate: float = 1.0, *,
     """SCAFFOLD with client SGD at `learning_rate` (eta_l) and the global step size
     `global_learning_rate` (eta_g; the server optimizer is SGD at eta_g unless
     `server_optimizer` is given)."""
+    if server_optimizer is None and not (isinstance(global_learning_rate, (int, float))
+                                         and global_learning_rate > 0):
+        raise UserError(f"SCAFFOLD's global_learning_rate must be a number > 0, got "
+                        f"{global_learning_rate!r}")
     if local_steps is not None and local_epochs == 1:
         local_epochs = None
     return Scaffold(learning_rate, server_optimizer or optax.sgd(global_learning_rate),

@@ -7,10 +7,16 @@ Config layout (see configs/*.py):
                partition_args, client_test_fraction, seed, (synthetic: alpha, beta, iid)
     model:     name (zoo name), args
     task:      'classification' | 'regression'
-    algorithm: name ('fedavg'), client_optimizer {name, learning_rate, args},
-               server_optimizer {…}, local_epochs, local_steps, batch_size, weighting
+    algorithm: name (a key of schema.ALGORITHMS: 'fedavg', 'fedprox', 'scaffold',
+               'fednova', 'fedper', 'ditto') and the parameters of its builder in
+               fedjax_sim.algorithms: optimizer sections {name, learning_rate, args}
+               (client_optimizer, server_optimizer, ...), local_epochs, local_steps,
+               batch_size, weighting, and the algorithm's own (mu, learning_rate,
+               global_learning_rate, momentum, proximal_mu, head, head_passes, lam)
     engine:    clients_per_chunk, unroll, rounds_per_call
     checkpoint: every_rounds, every_seconds, max_to_keep (optional; CHECKPOINT_DEFAULTS)
+    finetune:  (optional) steps, learning_rate, batch_size: per-client evaluation also
+               after fine-tuning each client's model on its own training split
     privacy:   (optional; absent or None: no differential privacy)
                level ('client': DP-FedAvg | 'example': DP-SGD in every client),
                noise_multiplier, clip_norm, delta, accountant ('rdp' | 'pld'), target_epsilon;
@@ -37,22 +43,18 @@ import numpy as np
 import optax
 
 from fedjax_sim import data as fdata
-from fedjax_sim.algorithms import fedavg
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import get_model, get_task
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, privacy_options, validate_config
+from fedjax_sim.cli.schema import (CHECKPOINT_DEFAULTS, build_algorithm, build_optimizer,
+                                   finetune_options, privacy_options, validate_config)
+
+__all__ = ["build", "build_data", "build_algorithm", "build_optimizer", "run"]
 
 
 def _get(config, key, default=None):
     return config[key] if key in config else default
-
-
-def build_optimizer(cfg: ml_collections.ConfigDict, key: str) -> optax.GradientTransformation:
-    """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)
-    (name, learning rate and args are checked by validate_config)."""
-    return getattr(optax, cfg.name)(_get(cfg, "learning_rate"), **dict(_get(cfg, "args", {}) or {}))
 
 
 def build_data(cfg: ml_collections.ConfigDict, seed: int):
@@ -104,17 +106,13 @@ def build(config: ml_collections.ConfigDict) -> dict:
                       _get(model_cfg, "num_outputs") or num_outputs,
                       **dict(_get(model_cfg, "args", {}) or {}))
 
-    alg = config.algorithm
-    batch_size = _get(alg, "batch_size", 10)
-    algorithm = fedavg(build_optimizer(alg.client_optimizer, "algorithm.client_optimizer"),
-                       build_optimizer(alg.server_optimizer, "algorithm.server_optimizer"),
-                       local_epochs=_get(alg, "local_epochs"), local_steps=_get(alg, "local_steps"),
-                       batch_size=batch_size, weighting=_get(alg, "weighting", "num_examples"))
+    algorithm = build_algorithm(config.algorithm)
     engine_cfg = dict(_get(config, "engine", {}) or {})
     checkpoint = CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **dict(_get(config, "checkpoint", {}) or {})})
     privacy = privacy_options(config)  # ClientLevelDP / ExampleLevelDP, or None
     return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
                 privacy=privacy, eval_data=test, client_eval_data=client_test,
+                finetune=finetune_options(config),
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
                 eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),
                 info=info)

@@ -66,9 +66,10 @@ def _train(args, overrides) -> int:
     result = run(config, args.workdir, progress=not args.no_progress,
                  allow_config_change=args.allow_config_change)
     summary = result.summary
-    final = ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()
-                      if k in ("test_accuracy", "test_loss", "test_mse", "client_test_accuracy_mean",
-                               "client_test_accuracy_p10"))
+    shown = ("test_accuracy", "test_loss", "test_mse", "client_test_accuracy_mean",
+             "client_test_accuracy_p10", "client_personal_accuracy_mean",
+             "client_finetuned_accuracy_mean")
+    final = ", ".join(f"{k}={summary['final'][k]:.4f}" for k in shown if k in summary["final"])
     timing = (f"{summary['seconds_per_round'] * 1e3:.1f} ms/round (+{summary['compile_seconds']:.1f} s "
               f"compile)" if "seconds_per_round" in summary else "already complete")
     privacy = summary.get("privacy")
@@ -81,7 +82,9 @@ def _train(args, overrides) -> int:
         rounds = f"{len(result.history)} of {rounds}"
     print(f"done: {rounds}, {timing}; {final}")  # why it stopped early: a warning (stderr)
     if args.workdir:
-        print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz, checkpoints/")
+        extra = ", client_metrics.json" if result.client_metrics is not None else ""
+        print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz{extra}, "
+              f"checkpoints/")
     else:
         print(json.dumps(summary["final"]))
     return 0

@@ -37,16 +37,18 @@ import numpy as np
 import optax
 
 from fedjax_sim.aggregators.dp import count_noise_stddev, split_noise_multiplier
-from fedjax_sim.algorithms import fedavg
+from fedjax_sim.algorithms import ditto, fedavg, fednova, fedper, fedprox, scaffold
 from fedjax_sim.data.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import tasks, zoo
 from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
+from fedjax_sim.simulation.evaluation import FineTune
 from fedjax_sim.simulation.loop import EngineOptions, resolve_engine
 
-__all__ = ["validate_config", "privacy_options", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS",
+__all__ = ["validate_config", "privacy_options", "build_algorithm", "build_optimizer",
+           "finetune_options", "ALGORITHM_RULES", "FINETUNE_KEYS", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS",
            "DATA_SOURCES", "DATA_KEYS", "ALGORITHMS", "WEIGHTINGS", "DENSE_IMPLS", "CONV_IMPLS",
            "ARG_RULES", "PRIVACY_LEVELS", "PRIVACY_LEVEL_KEYS", "PRIVACY_KEYS", "PRIVACY_UNSET",
            "ADAPTIVE_CLIPPING_KEYS"]
@@ -55,7 +57,7 @@ __all__ = ["validate_config", "privacy_options", "CHECKPOINT_DEFAULTS", "TOP_LEV
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
-                  "algorithm", "engine", "checkpoint", "privacy")
+                  "algorithm", "engine", "checkpoint", "privacy", "finetune")
 DATA_SOURCES = ("digits", "diabetes", "synthetic")
 # The `data` keys each source reads (experiment.build_data).
 DATA_KEYS = {
@@ -68,8 +70,15 @@ DATA_KEYS = {
 MODEL_KEYS = ("name", "num_outputs", "args")
 OPTIMIZER_KEYS = ("name", "learning_rate", "args")
 # Algorithm name -> its builder; the algorithm section's keys are `name` plus the builder's
-# parameters (client_optimizer, server_optimizer, local_epochs, ...).
-ALGORITHMS: dict[str, Callable] = {"fedavg": fedavg}
+# parameters (client_optimizer, server_optimizer, local_epochs, ...). Parameters named
+# *_optimizer are optimizer sections; the others are checked by ALGORITHM_RULES.
+ALGORITHMS: dict[str, Callable] = {"fedavg": fedavg, "fedprox": fedprox, "scaffold": scaffold,
+                                   "fednova": fednova, "fedper": fedper, "ditto": ditto}
+# Optimizer sections an algorithm may leave out (None: the builder's default).
+OPTIONAL_OPTIMIZERS = {"scaffold": ("server_optimizer",), "fednova": ("server_optimizer",),
+                       "ditto": ("personal_optimizer",)}
+# The per-client fine-tuning evaluation (config.finetune; absent or None: none).
+FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(FineTune) if f.name != "optimizer")
 WEIGHTINGS = ("num_examples", "uniform")  # FedAvg.__post_init__
 DENSE_IMPLS = ("auto", "explicit_transpose", "xla")  # models/dense.py dense_function
 CONV_IMPLS = ("auto", "matmul", "xla")  # models/conv.py conv_function
@@ -135,6 +144,24 @@ ARG_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "conv_impl": _one_of(CONV_IMPLS),         # cnn
     },
 }
+_HEAD = ((lambda v: (isinstance(v, str) and v) or (isinstance(v, (list, tuple)) and v and all(
+    isinstance(h, str) and h for h in v))),
+    "a parameter path prefix such as 'out' (the zoo models' output layer) or a list of them")
+# Range rules for the algorithm builders' parameters that are not optimizer sections or the
+# local schedule (tests/test_config_validation.py checks that every one has a rule).
+ALGORITHM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "mu": _number_at_least(0),                    # fedprox
+    "learning_rate": _number_above(0),            # scaffold, fednova (client SGD)
+    "global_learning_rate": _number_above(0),     # scaffold
+    "momentum": _FRACTION,                        # fednova
+    "proximal_mu": _number_at_least(0),           # fednova
+    "lam": _number_at_least(0),                   # ditto
+    "head": _HEAD,                                # fedper
+    "head_passes": ((lambda v: v is None or (_is_int(v) and v >= 1)),
+                    "an integer >= 1 (FedRep) or None (FedPer)"),
+}
+# Parameters every builder shares, checked by _check_algorithm itself.
+_SCHEDULE_KEYS = ("local_epochs", "local_steps", "batch_size", "weighting")
 # Arguments the simulator passes itself, so a config may not set them.
 _PARTITIONER_FIXED = ("labels", "num_clients", "seed")
 _MODEL_FIXED = ("input_shape", "num_outputs")
@@ -392,8 +419,19 @@ def _check_algorithm(config) -> None:
     if not isinstance(name, str) or name not in ALGORITHMS:
         raise UserError(f"config.algorithm.name={name!r} is not known; choose one of "
                         f"{list(ALGORITHMS)}")
-    for key in ("client_optimizer", "server_optimizer"):
-        _check_optimizer(alg, key)
+    params = inspect.signature(ALGORITHMS[name]).parameters
+    for key, p in params.items():
+        if key.endswith("optimizer"):
+            if key in OPTIONAL_OPTIMIZERS.get(name, ()) and _get(alg, key) is None:
+                continue
+            _check_optimizer(alg, key)
+        elif key in ALGORITHM_RULES:
+            if not _has(alg, key):
+                if p.default is p.empty:
+                    raise UserError(f"config.algorithm.{key} is missing; {name} needs it "
+                                    f"({ALGORITHM_RULES[key][1]})")
+                continue
+            _check(alg[key], f"algorithm.{key}", ALGORITHM_RULES[key])
     epochs, steps = _get(alg, "local_epochs"), _get(alg, "local_steps")
     if (epochs is None) == (steps is None):
         raise UserError(f"set exactly one of config.algorithm.local_epochs and "
@@ -411,6 +449,59 @@ def _check_algorithm(config) -> None:
     if not isinstance(weighting, str) or weighting not in WEIGHTINGS:
         raise UserError(f"config.algorithm.weighting={weighting!r} is not known; choose one of "
                         f"{list(WEIGHTINGS)}")
+    try:  # constraints between values (e.g. FedNova: momentum and mu not both)
+        build_algorithm(alg)
+    except UserError as e:
+        raise UserError(f"config.algorithm: {e}") from None
+
+
+def build_optimizer(cfg, key: str = "") -> optax.GradientTransformation:
+    """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)
+    (name, learning rate and args are checked by validate_config)."""
+    del key
+    return getattr(optax, cfg["name"])(_get(cfg, "learning_rate"),
+                                       **dict(_get(cfg, "args", {}) or {}))
+
+
+def build_algorithm(alg):
+    """The algorithm of a (checked) config.algorithm section: its builder called with the
+    section's keys, optimizer sections turned into optax optimizers."""
+    name = _get(alg, "name", "fedavg")
+    builder = ALGORITHMS[name]
+    kwargs = {}
+    for key in inspect.signature(builder).parameters:
+        if not _has(alg, key):
+            continue
+        value = alg[key]
+        if key.endswith("optimizer"):
+            value = None if value is None else build_optimizer(value)
+        elif key == "head" and not isinstance(value, str):
+            value = tuple(value)
+        kwargs[key] = value
+    return builder(**kwargs)
+
+
+def finetune_options(config) -> FineTune | None:
+    """config.finetune as a `FineTune`, or None when absent."""
+    section = _get(config, "finetune")
+    if section is None:
+        return None
+    return FineTune(**_as_dict(section))
+
+
+def _check_finetune(config) -> None:
+    section = _section(config, "finetune", required=False)
+    if section is None:
+        return
+    _check_keys(section, "finetune", FINETUNE_KEYS)
+    try:
+        finetune_options(config)
+    except UserError as e:
+        raise UserError(f"config.finetune: {e}") from None
+    data = config["data"]
+    if _get(data, "source") != "synthetic" and not _get(data, "client_test_fraction"):
+        raise UserError("config.finetune needs per-client test splits; set "
+                        "config.data.client_test_fraction (e.g. 0.2)")
 
 
 def _check_engine(config) -> None:
@@ -551,6 +642,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_engine(config)
         _check_checkpoint(config)
         _check_privacy(config)
+        _check_finetune(config)
     except UserError as e:
         message = str(e)
         if "\n" in message:  # keep the CLI's error to one line whatever a value looked like

@@ -82,6 +82,20 @@ class HostClientStates:
 
         return jax.tree_util.tree_map(gather, host), jnp.asarray(rows), ids
 
+    def stream(self, run, program):
+        """Wraps a compiled `run(state, data, model_state, root, start, count, rows)` (from
+        `RoundProgram.compile` with a table of `table_rows` rows) into one taking the
+        host-kept states in `state.clients`: each call takes the rows its rounds sample to
+        the device and writes them back afterwards."""
+        def run_streamed(state, data, model_state, root, start, count):
+            cohorts, live = jax.device_get(program.cohorts(root, start, count))
+            table, rows, ids = self.take(state.clients, cohorts, live)
+            new, metrics = run(state._replace(clients=table), data, model_state, root, start,
+                               count, rows)
+            return new._replace(clients=self.put(state.clients, new.clients, ids)), metrics
+
+        return run_streamed
+
     @staticmethod
     def put(host: PyTree, table: PyTree, ids: np.ndarray) -> PyTree:
         """Writes the call's updated rows back into the host table (in place)."""

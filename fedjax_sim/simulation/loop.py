@@ -325,6 +325,14 @@ def simulate(
     """
     task = task or classification()
     _check_inputs(model, train_data, rounds, clients_per_round, eval_every, task, input_key)
+    if finetune is not None and client_eval_data is None:
+        raise UserError("finetune= evaluates each client after fine-tuning on its own data; it "
+                        "needs client_eval_data (per-client test splits, e.g. from "
+                        "clients.split(0.2, seed=0))")
+    if not algorithm.global_model and client_eval_data is None:
+        warnings.warn(f"{type(algorithm).__name__} has no global model to test and no "
+                      f"client_eval_data was given, so nothing will be evaluated; pass "
+                      f"client_eval_data to evaluate each client's personal model", stacklevel=2)
     plan = None
     if privacy is not None:
         plan = PrivatePlan(privacy, algorithm=algorithm, aggregator=aggregator,
@@ -458,8 +466,8 @@ def simulate(
     else:
         host_states.table_rows = per_call * slots
         table, rows = host_states.template(state.clients)
-        run = _streamed(program.compile(state._replace(clients=table), data, model_state, root,
-                                        per_call, rows), program, host_states)
+        run = host_states.stream(program.compile(state._replace(clients=table), data, model_state,
+                                                 root, per_call, rows), program)
     compile_seconds = time.perf_counter() - t0
 
     writer = None
@@ -559,19 +567,6 @@ def simulate(
             _write_json(os.path.join(workdir, "client_metrics.json"), client_metrics)
     return Result(params, model_state, state.server, history, summary, state.clients,
                   client_metrics)
-
-
-def _streamed(run, program: RoundProgram, store: HostClientStates):
-    """`run` for client states kept on host: each call takes the rows its rounds sample
-    to the device and writes them back afterwards (engine.client_states)."""
-    def run_streamed(state, data, model_state, root, start, count):
-        cohorts, live = jax.device_get(program.cohorts(root, start, count))
-        table, rows, ids = store.take(state.clients, cohorts, live)
-        new, metrics = run(state._replace(clients=table), data, model_state, root, start, count,
-                           rows)
-        return new._replace(clients=store.put(state.clients, new.clients, ids)), metrics
-
-    return run_streamed
 
 
 def _checkpoint_tree(state, model_state) -> dict:
