@@ -71,8 +71,7 @@ def test_diabetes_regression_config_beats_constant_predictor():
 # others differ from these only in values that test_config_validation checks up front
 # (the server optimizer, a model of the same family, a privacy option), and run here and
 # in full (test_configs_slow) under `pytest -m slow`.
-QUICK_CONFIGS = {"digits_fedavg.py", "diabetes_fedsgd.py", "synthetic_fedavg.py", "digits_dp_sgd.py",
-                 "digits_fedper.py"}
+QUICK_CONFIGS = {"digits_fedavg.py", "diabetes_fedsgd.py", "synthetic_fedavg.py", "digits_dp_sgd.py"}
 
 
 @pytest.mark.parametrize("config", [

@@ -277,3 +277,25 @@ def test_shuffle_is_a_uniform_permutation_for_rank_and_sort_paths():
         keys = np.asarray(jax.random.bits(jax.random.key(0), (length,), jnp.uint32)) % 7  # ties
         np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(keys))),
                                       np.argsort(np.argsort(keys, kind="stable"), kind="stable"))
+
+
+def test_large_population_cohorts_are_uniform_distinct_subsets(monkeypatch):
+    """Floyd's algorithm (used above PERMUTATION_MAX_CLIENTS clients) draws every m-subset
+    with equal probability: a chi-square test over the 20 subsets of 3 out of 6, and
+    distinct in-range ids for a population of 20,000."""
+    from collections import Counter
+
+    from fedjax_sim.engine import round as round_module
+
+    big = np.asarray(jax.jit(lambda k: round_module.sample_cohort(k, 20000, 64))(jax.random.key(3)))
+    assert len(set(big.tolist())) == 64 and big.min() >= 0 and big.max() < 20000
+    monkeypatch.setattr(round_module, "PERMUTATION_MAX_CLIENTS", 0)
+    draws = 60000
+    out = np.asarray(jax.jit(jax.vmap(lambda k: round_module.sample_cohort(k, 6, 3)))(
+        jax.random.split(jax.random.key(0), draws)))
+    assert all(len(set(row)) == 3 for row in out.tolist())
+    counts = np.asarray(list(Counter(tuple(sorted(r)) for r in out.tolist()).values()))
+    assert len(counts) == 20
+    expected = draws / 20
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    assert chi2 < 43.8  # the 0.999 quantile of chi-square with 19 degrees of freedom
