@@ -64,18 +64,9 @@ class FedAvg(Algorithm):
 
     def client_update(self, problem: Problem, broadcast, local, rng, client_state=None) -> ClientOutput:
         del client_state
-        opt = self.client_optimizer
-        mu = self.proximal_mu
-
-        def step(carry, batch, mask, key):
-            params, opt_state = carry
-            grads, metrics = problem.gradient(params, batch, mask, key)
-            if mu:
-                grads = proximal(grads, params, broadcast, mu)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), metrics
-
-        (params, _), metrics = local.run(step, (broadcast, opt.init(broadcast)), rng)
+        pull = (broadcast, self.proximal_mu) if self.proximal_mu else None
+        params, metrics = local_training(problem, self.client_optimizer, local, rng, broadcast,
+                                         pull=pull)
         delta = jax.tree_util.tree_map(lambda g, c: g - c, broadcast, params)
         return ClientOutput(delta, metrics)
 
@@ -83,6 +74,32 @@ class FedAvg(Algorithm):
         del sums
         return ServerState(*server_step(self.server_optimizer, server_state.params,
                                         server_state.opt_state, aggregate))
+
+
+def local_training(problem: Problem, optimizer: optax.GradientTransformation, local, rng,
+                   params: PyTree, *, pull: tuple[PyTree, float] | None = None,
+                   full_params=None) -> tuple[PyTree, dict]:
+    """Runs the client's local schedule with `optimizer` (fresh state) from `params`;
+    returns (trained params, metric sums over the steps).
+
+    pull=(anchor, mu) adds mu (p - anchor) to every gradient (FedProx, Ditto).
+    full_params(p) maps the trained part to the parameters the loss sees (FedRep trains the
+    head or the body alone); by default the trained params are the model's.
+    """
+    def step(carry, batch, mask, key):
+        p, opt_state = carry
+        if full_params is None:
+            grads, metrics = problem.gradient(p, batch, mask, key)
+        else:
+            grads, metrics = jax.grad(lambda q: problem.loss(full_params(q), batch, mask, key),
+                                      has_aux=True)(p)
+        if pull is not None:
+            grads = proximal(grads, p, pull[0], pull[1])
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), metrics
+
+    (params, _), metrics = local.run(step, (params, optimizer.init(params)), rng)
+    return params, metrics
 
 
 def proximal(grads: PyTree, params: PyTree, anchor: PyTree, mu: float) -> PyTree:

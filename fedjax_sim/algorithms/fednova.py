@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem, RoundSums
-from fedjax_sim.algorithms.fedavg import ServerState, proximal, server_step
+from fedjax_sim.algorithms.fedavg import ServerState, local_training, server_step
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -87,17 +87,8 @@ class FedNova(Algorithm):
     def client_update(self, problem: Problem, broadcast, local, rng, client_state=None) -> ClientOutput:
         del client_state
         opt = optax.sgd(self.learning_rate, momentum=self.momentum or None)
-        mu = self.proximal_mu
-
-        def step(carry, batch, mask, key):
-            params, opt_state = carry
-            grads, metrics = problem.gradient(params, batch, mask, key)
-            if mu:
-                grads = proximal(grads, params, broadcast, mu)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), metrics
-
-        (params, _), metrics = local.run(step, (broadcast, opt.init(broadcast)), rng)
+        pull = (broadcast, self.proximal_mu) if self.proximal_mu else None
+        params, metrics = local_training(problem, opt, local, rng, broadcast, pull=pull)
         work = jnp.maximum(self.local_work(local.real_steps()), 1e-12)
         direction = jax.tree_util.tree_map(lambda g, c: (g - c) / work.astype(g.dtype),
                                            broadcast, params)

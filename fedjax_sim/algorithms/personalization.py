@@ -25,7 +25,7 @@ import jax
 import optax
 
 from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem, RoundSums
-from fedjax_sim.algorithms.fedavg import ServerState, proximal, server_step
+from fedjax_sim.algorithms.fedavg import ServerState, local_training, server_step
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -70,27 +70,6 @@ class Split(NamedTuple):
         body, head = iter(body), iter(head)
         return jax.tree_util.tree_unflatten(
             self.treedef, [next(head) if h else next(body) for h in self.is_head])
-
-
-def _sgd_steps(problem: Problem, optimizer, local, rng, params, loss_params=None, pull=None):
-    """Runs the local schedule with `optimizer` on `params`; returns (params, metric sums).
-
-    `loss_params(p)` maps the trained part to the full parameters the loss sees (default:
-    identity); `pull=(anchor, lam)` adds lam (p - anchor) to every gradient.
-    """
-    full = loss_params or (lambda p: p)
-
-    def step(carry, batch, mask, key):
-        p, opt_state = carry
-        grads, metrics = jax.grad(lambda q: problem.loss(full(q), batch, mask, key), has_aux=True)(p) \
-            if loss_params is not None else problem.gradient(p, batch, mask, key)
-        if pull is not None:
-            grads = proximal(grads, p, pull[0], pull[1])
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), metrics
-
-    (params, _), metrics = local.run(step, (params, optimizer.init(params)), rng)
-    return params, metrics
 
 
 def _add(a: dict, b: dict) -> dict:
@@ -149,17 +128,17 @@ class FedPer(Algorithm):
         head = client_state
         opt = self.client_optimizer
         if self.head_passes is None:  # FedPer: body and head together
-            params, metrics = _sgd_steps(problem, opt, local, rng, split.merge(body, head))
+            params, metrics = local_training(problem, opt, local, rng, split.merge(body, head))
             new_body, new_head = split.split(params)
         else:  # FedRep: the head with the body fixed, then the body with the new head fixed
             new_head, metrics = head, None
             for k in range(self.head_passes):
-                new_head, m = _sgd_steps(problem, opt, local, jax.random.fold_in(rng, k), new_head,
-                                         loss_params=lambda h: split.merge(body, h))
+                new_head, m = local_training(problem, opt, local, jax.random.fold_in(rng, k),
+                                             new_head, full_params=lambda h: split.merge(body, h))
                 metrics = m if metrics is None else _add(metrics, m)
             fixed_head = new_head
-            new_body, m = _sgd_steps(problem, opt, local, jax.random.fold_in(rng, self.head_passes),
-                                     body, loss_params=lambda b: split.merge(b, fixed_head))
+            new_body, m = local_training(problem, opt, local, jax.random.fold_in(rng, self.head_passes),
+                                         body, full_params=lambda b: split.merge(b, fixed_head))
             metrics = _add(metrics, m)
         delta = tuple(g - n for g, n in zip(body, new_body))
         return ClientOutput(delta, metrics, client_state=tuple(new_head))
@@ -222,10 +201,10 @@ class Ditto(Algorithm):
 
     def client_update(self, problem: Problem, broadcast, local, rng, client_state=None) -> ClientOutput:
         k_global, k_personal = jax.random.split(rng)
-        w, metrics = _sgd_steps(problem, self.client_optimizer, local, k_global, broadcast)
+        w, metrics = local_training(problem, self.client_optimizer, local, k_global, broadcast)
         personal = self.personal_optimizer or self.client_optimizer
-        v, _ = _sgd_steps(problem, personal, local, k_personal, client_state,
-                          pull=(broadcast, self.lam))
+        v, _ = local_training(problem, personal, local, k_personal, client_state,
+                              pull=(broadcast, self.lam))
         delta = jax.tree_util.tree_map(lambda g, c: g - c, broadcast, w)
         return ClientOutput(delta, metrics, client_state=v)
 
