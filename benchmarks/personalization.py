@@ -14,6 +14,16 @@ evaluated on its own test split with
               its own training split.
 Printed: the mean over clients of each accuracy, and the 10th percentile of the
 fine-tuned one (the worst-served clients).
+
+Measured (seed 0, 2-core CPU, ~90 s in all):
+
+| algorithm | global | personal | fine-tuned | fine-tuned p10 | s |
+|---|---|---|---|---|---|
+| FedAvg | 0.950 | — | 0.990 | 1.000 | 19 |
+| FedPer (head 'out') | — | 0.960 | 0.973 | 1.000 | 13 |
+| FedRep (10 head passes) | — | 0.977 | 0.977 | 1.000 | 26 |
+| Ditto (lambda 0.1) | 0.950 | 0.953 | 0.963 | 0.667 | 18 |
+| Ditto (lambda 1) | 0.950 | 0.980 | 0.987 | 1.000 | 10 |
 """
 
 from __future__ import annotations
