@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
@@ -93,6 +94,22 @@ class Problem(NamedTuple):
             return jax.grad(self.loss, has_aux=True)(params, batch, mask, rng)
         return private_gradient(self.loss, self.example_noise, params, batch, mask, rng,
                                 self.num_examples)
+
+
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+def check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
+
+
+def local_schedule(local_epochs: int | None, local_steps: int | None) -> tuple[int | None, int | None]:
+    """(local_epochs, local_steps) as the builders take them: local_steps given explicitly
+    overrides the default local_epochs=1."""
+    if local_steps is not None and local_epochs == 1:
+        local_epochs = None
+    return local_epochs, local_steps
 
 
 class Algorithm:

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem
+from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, check_weighting,
+                                        local_schedule)
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -37,21 +38,12 @@ class ServerState(NamedTuple):
     opt_state: PyTree
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class FedAvg(Algorithm):
-    client_optimizer: optax.GradientTransformation
-    server_optimizer: optax.GradientTransformation
-    local_epochs: int | None = 1
-    local_steps: int | None = None
-    batch_size: int | None = 10
-    weighting: str = "num_examples"
-    proximal_mu: float = 0.0
+class ServerOptimizer(Algorithm):
+    """The FedOpt server (Reddi et al. 2021), shared by FedAvg, FedNova and Ditto: the
+    server state is (params, optimizer state), clients receive the params, and the round's
+    aggregate is a pseudo-gradient for `self.server_optimizer`."""
 
-    def __post_init__(self):
-        if self.weighting not in ("num_examples", "uniform"):
-            raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
-        if not (isinstance(self.proximal_mu, (int, float)) and self.proximal_mu >= 0):
-            raise UserError(f"FedProx's mu must be a number >= 0, got {self.proximal_mu!r}")
+    server_optimizer: optax.GradientTransformation
 
     def server_init(self, params):
         return ServerState(params, self.server_optimizer.init(params))
@@ -62,6 +54,27 @@ class FedAvg(Algorithm):
     def params(self, server_state):
         return server_state.params
 
+    def server_update(self, server_state, aggregate, sums=None):
+        del sums
+        return ServerState(*server_step(self.server_optimizer, server_state.params,
+                                        server_state.opt_state, aggregate))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FedAvg(ServerOptimizer):
+    client_optimizer: optax.GradientTransformation
+    server_optimizer: optax.GradientTransformation
+    local_epochs: int | None = 1
+    local_steps: int | None = None
+    batch_size: int | None = 10
+    weighting: str = "num_examples"
+    proximal_mu: float = 0.0
+
+    def __post_init__(self):
+        check_weighting(self.weighting)
+        if not (isinstance(self.proximal_mu, (int, float)) and self.proximal_mu >= 0):
+            raise UserError(f"FedProx's mu must be a number >= 0, got {self.proximal_mu!r}")
+
     def client_update(self, problem: Problem, broadcast, local, rng, client_state=None) -> ClientOutput:
         del client_state
         pull = (broadcast, self.proximal_mu) if self.proximal_mu else None
@@ -69,11 +82,6 @@ class FedAvg(Algorithm):
                                          pull=pull)
         delta = jax.tree_util.tree_map(lambda g, c: g - c, broadcast, params)
         return ClientOutput(delta, metrics)
-
-    def server_update(self, server_state, aggregate, sums=None):
-        del sums
-        return ServerState(*server_step(self.server_optimizer, server_state.params,
-                                        server_state.opt_state, aggregate))
 
 
 def local_training(problem: Problem, optimizer: optax.GradientTransformation, local, rng,
@@ -121,8 +129,7 @@ def fedavg(client_optimizer: optax.GradientTransformation,
            local_epochs: int | None = 1, local_steps: int | None = None,
            batch_size: int | None = 10, weighting: str = "num_examples") -> FedAvg:
     """FedAvg with any optax optimizers; `server_optimizer` defaults to SGD(1.0)."""
-    if local_steps is not None and local_epochs == 1:
-        local_epochs = None  # local_steps given explicitly overrides the default
+    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return FedAvg(client_optimizer, server_optimizer or optax.sgd(1.0), local_epochs,
                   local_steps, batch_size, weighting)
 

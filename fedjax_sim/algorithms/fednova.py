@@ -30,15 +30,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem, RoundSums
-from fedjax_sim.algorithms.fedavg import ServerState, local_training, server_step
+from fedjax_sim.algorithms.base import (ClientOutput, Problem, RoundSums, check_weighting,
+                                        local_schedule)
+from fedjax_sim.algorithms.fedavg import ServerOptimizer, local_training
 from fedjax_sim.errors import UserError
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class FedNova(Algorithm):
+class FedNova(ServerOptimizer):
     learning_rate: float
     server_optimizer: optax.GradientTransformation
     momentum: float = 0.0
@@ -50,8 +51,7 @@ class FedNova(Algorithm):
     client_dp = "each client also sends its number of local steps, which client-level DP does not protect"
 
     def __post_init__(self):
-        if self.weighting not in ("num_examples", "uniform"):
-            raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
+        check_weighting(self.weighting)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise UserError(f"FedNova's learning_rate must be a number > 0, got {self.learning_rate!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
@@ -64,15 +64,6 @@ class FedNova(Algorithm):
         if self.proximal_mu and self.learning_rate * self.proximal_mu >= 1:
             raise UserError(f"FedNova's proximal term needs learning_rate * mu < 1, got "
                             f"{self.learning_rate * self.proximal_mu}")
-
-    def server_init(self, params):
-        return ServerState(params, self.server_optimizer.init(params))
-
-    def broadcast(self, server_state):
-        return server_state.params
-
-    def params(self, server_state):
-        return server_state.params
 
     def local_work(self, tau: jax.Array) -> jax.Array:
         """||a||_1 for a client that took `tau` local steps."""
@@ -99,8 +90,7 @@ class FedNova(Algorithm):
     def server_update(self, server_state, aggregate, sums: RoundSums):
         tau_eff = sums.extras["work"] / jnp.maximum(sums.extras["weight"], 1e-12)
         step = jax.tree_util.tree_map(lambda d: d * tau_eff.astype(d.dtype), aggregate)
-        return ServerState(*server_step(self.server_optimizer, server_state.params,
-                                        server_state.opt_state, step))
+        return super().server_update(server_state, step)
 
 
 def fednova(learning_rate: float, server_optimizer: optax.GradientTransformation | None = None, *,
@@ -109,7 +99,6 @@ def fednova(learning_rate: float, server_optimizer: optax.GradientTransformation
             weighting: str = "num_examples") -> FedNova:
     """FedNova with client SGD (learning rate, optional momentum or proximal mu); the
     server optimizer defaults to SGD(1.0), which is the paper's update."""
-    if local_steps is not None and local_epochs == 1:
-        local_epochs = None
+    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return FedNova(learning_rate, server_optimizer or optax.sgd(1.0), momentum, proximal_mu,
                    local_epochs, local_steps, batch_size, weighting)

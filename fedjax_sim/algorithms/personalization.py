@@ -24,8 +24,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import optax
 
-from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem, RoundSums
-from fedjax_sim.algorithms.fedavg import ServerState, local_training, server_step
+from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, RoundSums,
+                                        check_weighting, local_schedule)
+from fedjax_sim.algorithms.fedavg import ServerOptimizer, local_training, server_step
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -95,8 +96,7 @@ class FedPer(Algorithm):
     global_model = False
 
     def __post_init__(self):
-        if self.weighting not in ("num_examples", "uniform"):
-            raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
+        check_weighting(self.weighting)
         if self.head_passes is not None and (isinstance(self.head_passes, bool) or not isinstance(
                 self.head_passes, int) or self.head_passes < 1):
             raise UserError(f"head_passes must be an integer >= 1 (FedRep) or None (FedPer), "
@@ -160,14 +160,13 @@ def fedper(client_optimizer: optax.GradientTransformation, head: HeadSelector = 
     """FedPer (head_passes=None) or FedRep (head_passes=k). `head` names the personal
     parameters: a path prefix ('out' is the zoo models' output layer), several, or a
     predicate on 'layer/param' names."""
-    if local_steps is not None and local_epochs == 1:
-        local_epochs = None
+    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return FedPer(client_optimizer, server_optimizer or optax.sgd(1.0), head, head_passes,
                   local_epochs, local_steps, batch_size, weighting)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Ditto(Algorithm):
+class Ditto(ServerOptimizer):
     client_optimizer: optax.GradientTransformation
     server_optimizer: optax.GradientTransformation
     lam: float = 0.1
@@ -179,22 +178,12 @@ class Ditto(Algorithm):
     personalized = True
 
     def __post_init__(self):
-        if self.weighting not in ("num_examples", "uniform"):
-            raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
+        check_weighting(self.weighting)
         if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
             raise UserError(f"Ditto's lambda must be a number >= 0, got {self.lam!r}")
 
-    def server_init(self, params):
-        return ServerState(params, self.server_optimizer.init(params))
-
     def client_state_init(self, params):
         return params
-
-    def broadcast(self, server_state):
-        return server_state.params
-
-    def params(self, server_state):
-        return server_state.params
 
     def personal_params(self, params, client_state):
         return client_state
@@ -208,11 +197,6 @@ class Ditto(Algorithm):
         delta = jax.tree_util.tree_map(lambda g, c: g - c, broadcast, w)
         return ClientOutput(delta, metrics, client_state=v)
 
-    def server_update(self, server_state, aggregate, sums: RoundSums):
-        del sums
-        return ServerState(*server_step(self.server_optimizer, server_state.params,
-                                        server_state.opt_state, aggregate))
-
 
 def ditto(client_optimizer: optax.GradientTransformation, lam: float = 0.1,
           server_optimizer: optax.GradientTransformation | None = None, *,
@@ -221,7 +205,6 @@ def ditto(client_optimizer: optax.GradientTransformation, lam: float = 0.1,
           batch_size: int | None = 10, weighting: str = "num_examples") -> Ditto:
     """Ditto with regularisation strength `lam` (lambda); the personal models train with
     `personal_optimizer` (default: the client optimizer) over the same local schedule."""
-    if local_steps is not None and local_epochs == 1:
-        local_epochs = None
+    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return Ditto(client_optimizer, server_optimizer or optax.sgd(1.0), lam, personal_optimizer,
                  local_epochs, local_steps, batch_size, weighting)

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem, RoundSums
+from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, RoundSums,
+                                        check_weighting, local_schedule)
 from fedjax_sim.algorithms.fedavg import server_step
 from fedjax_sim.errors import UserError
 
@@ -53,8 +54,7 @@ class Scaffold(Algorithm):
                  "neither clips nor noises")
 
     def __post_init__(self):
-        if self.weighting not in ("num_examples", "uniform"):
-            raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
+        check_weighting(self.weighting)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise UserError(f"SCAFFOLD's client learning_rate must be a number > 0, got "
                             f"{self.learning_rate!r}")
@@ -115,7 +115,6 @@ def scaffold(learning_rate: float, global_learning_rate: float = 1.0, *,
                                          and global_learning_rate > 0):
         raise UserError(f"SCAFFOLD's global_learning_rate must be a number > 0, got "
                         f"{global_learning_rate!r}")
-    if local_steps is not None and local_epochs == 1:
-        local_epochs = None
+    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return Scaffold(learning_rate, server_optimizer or optax.sgd(global_learning_rate),
                     local_epochs, local_steps, batch_size, weighting)
