@@ -36,11 +36,9 @@ are those that need the data.
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 import numpy as np
-import optax
 
 from fedjax_sim import data as fdata
 from fedjax_sim.errors import UserError

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.aggregators.dp import count_noise_stddev, split_noise_multiplier
+from fedjax_sim.algorithms import base as algorithm_base
 from fedjax_sim.algorithms import ditto, fedavg, fednova, fedper, fedprox, scaffold
 from fedjax_sim.data.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
@@ -79,7 +80,7 @@ OPTIONAL_OPTIMIZERS = {"scaffold": ("server_optimizer",), "fednova": ("server_op
                        "ditto": ("personal_optimizer",)}
 # The per-client fine-tuning evaluation (config.finetune; absent or None: none).
 FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(FineTune) if f.name != "optimizer")
-WEIGHTINGS = ("num_examples", "uniform")  # FedAvg.__post_init__
+WEIGHTINGS = algorithm_base.WEIGHTINGS  # algorithms.base.check_weighting
 DENSE_IMPLS = ("auto", "explicit_transpose", "xla")  # models/dense.py dense_function
 CONV_IMPLS = ("auto", "matmul", "xla")  # models/conv.py conv_function
 # config.privacy: `level` picks the dataclass, whose fields are that level's keys
@@ -455,10 +456,9 @@ def _check_algorithm(config) -> None:
         raise UserError(f"config.algorithm: {e}") from None
 
 
-def build_optimizer(cfg, key: str = "") -> optax.GradientTransformation:
+def build_optimizer(cfg) -> optax.GradientTransformation:
     """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)
     (name, learning rate and args are checked by validate_config)."""
-    del key
     return getattr(optax, cfg["name"])(_get(cfg, "learning_rate"),
                                        **dict(_get(cfg, "args", {}) or {}))
 

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim.algorithms.base import Problem
+from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
 from fedjax_sim.engine.cohort import map_clients
+from fedjax_sim.engine.local import LocalData
+from fedjax_sim.engine.round import DeviceData
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
@@ -113,13 +117,15 @@ class ClientEvaluator:
       'test':      the global model (if the algorithm has one);
       'personal':  the client's personal model, `personalize(params, client_state)`;
       'finetuned': that model after `finetune` steps on the client's own training rows.
-    The clients run vmapped in chunks of `clients_per_chunk`.
+    The clients run vmapped in chunks of `clients_per_chunk`. Fine-tuning reads the
+    evaluation clients' rows of `train_data` (a FederatedData), from `train_arrays` (its
+    `DeviceData`) when the caller has already placed it on device.
     """
 
     def __init__(self, model: Model, task: Task, data, *, input_key: str = "x",
                  batch_size: int = 256, clients_per_chunk: int | None = 64,
                  global_model: bool = True, personalize=None, finetune: FineTune | None = None,
-                 train_data=None, root: jax.Array | None = None):
+                 train_data=None, train_arrays=None, root: jax.Array | None = None):
         self.client_ids = data.client_ids
         self.num_clients = data.num_clients
         self.personalized = personalize is not None
@@ -137,7 +143,7 @@ class ClientEvaluator:
             self.train_rows = _train_rows(data.client_ids, train_data.client_ids)
         tune = None
         if finetune is not None:
-            tune = _fine_tuner(model, task, input_key, finetune, train_data, root)
+            tune = _fine_tuner(model, task, input_key, finetune, train_data, train_arrays, root)
 
         def sums_of(params, model_state, cid):
             def body(acc, j):
@@ -169,7 +175,6 @@ class ClientEvaluator:
             return sums
 
         self._evaluate = jax.jit(evaluate)
-        self._features = (features, offsets, sizes_d)
 
     def __call__(self, params, model_state, client_states=None) -> dict:
         """Per-client metrics: {'test' | 'personal' | 'finetuned': {name: [C], 'count': [C]}}
@@ -226,20 +231,16 @@ def _train_rows(eval_ids, train_ids) -> np.ndarray:
 
 
 def _fine_tuner(model: Model, task: Task, input_key: str, finetune: FineTune, train_data,
-                root: jax.Array | None):
+                train_arrays, root: jax.Array | None):
     """tune(params, model_state, train_row) -> params after `finetune.steps` local steps."""
-    from fedjax_sim.algorithms.base import Problem
-    from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
-    from fedjax_sim.engine.local import LocalData
-
     if train_data is None:
         raise UserError("fine-tuning evaluation needs the training data of the evaluation clients")
     max_size = train_data.max_client_size
     schedule = make_schedule(max_size, batch_size=finetune.batch_size, local_epochs=None,
                              local_steps=finetune.steps)
-    features = {k: jax.device_put(train_data.features[k]) for k in (input_key, task.label_key)}
-    offsets = jnp.asarray(train_data.offsets[:-1], jnp.int32)
-    sizes = jnp.asarray(train_data.client_sizes, jnp.int32)
+    # The training data already placed for the rounds serves, rather than a second copy.
+    arrays = train_arrays if train_arrays is not None else DeviceData.from_federated(train_data)
+    features, offsets, sizes = arrays.features, arrays.offsets, arrays.sizes
     stream = jax.random.fold_in(root if root is not None else jax.random.key(0), FINETUNE_STREAM)
     optimizer = finetune.make_optimizer()
     num_bits = bits_needed(schedule, max_size)

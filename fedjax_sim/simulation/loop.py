@@ -392,7 +392,7 @@ def simulate(
     per_client = ClientEvaluator(
         model, task, client_eval_data, input_key=input_key, batch_size=eval_batch_size,
         global_model=algorithm.global_model, personalize=personalize, finetune=finetune,
-        train_data=train_data, root=root) if client_eval_data is not None else None
+        train_data=train_data, train_arrays=data, root=root) if client_eval_data is not None else None
     if not algorithm.global_model:
         central = None  # e.g. FedPer: the server's head is never trained
 
@@ -425,10 +425,6 @@ def simulate(
     # Training ends at `end`: `rounds`, or earlier where the privacy budget runs out (known
     # up front at the client level; checked before every call at the example level).
     end = rounds
-    host_states = None
-    if placement == "host":
-        host_states = HostClientStates(train_data.num_clients,
-                                       choice["rounds_per_call"] * slots)
     if plan:
         plan.recount(program, root, done)
         if plan.level == "client":
@@ -461,10 +457,10 @@ def simulate(
     every = checkpoint.every_rounds if ckpt is not None else None
     per_call = min(choice["rounds_per_call"], eval_every, rounds, every or rounds)
     t0 = time.perf_counter()
-    if host_states is None:
+    if placement != "host":
         run = program.compile(state, data, model_state, root, per_call)
     else:
-        host_states.table_rows = per_call * slots
+        host_states = HostClientStates(train_data.num_clients, per_call * slots)
         table, rows = host_states.template(state.clients)
         run = host_states.stream(program.compile(state._replace(clients=table), data, model_state,
                                                  root, per_call, rows), program)
