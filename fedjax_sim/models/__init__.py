@@ -1,8 +1,11 @@
 """Models: the functional adapter, tasks (loss + metrics) and the model zoo."""
 
 from fedjax_sim.models.adapter import Model, from_linen, from_nnx
-from fedjax_sim.models.tasks import Task, classification, custom, get_task, regression
-from fedjax_sim.models.zoo import ZOO, cnn, get_model, logistic_regression, mlp
+from fedjax_sim.models.tasks import (Task, classification, custom, get_task, regression,
+                                     sequence)
+from fedjax_sim.models.zoo import (ZOO, char_lstm, char_transformer, cnn, get_model,
+                                   logistic_regression, mlp)
 
 __all__ = ["Model", "from_nnx", "from_linen", "Task", "classification", "regression",
-           "custom", "get_task", "ZOO", "get_model", "cnn", "mlp", "logistic_regression"]
+           "sequence", "custom", "get_task", "ZOO", "get_model", "cnn", "mlp",
+           "logistic_regression", "char_lstm", "char_transformer"]

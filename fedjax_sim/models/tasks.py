@@ -3,6 +3,11 @@
 A `Task` turns model outputs and labels into per-example values. The engine masks and
 averages them, so padded examples never count, and every metric is a mean over the real
 examples of a batch, a client or a test set.
+
+A task may weigh its examples (`Task.example_weight`): the sequence task weighs each
+sequence by its number of real tokens and reports per-sequence token means, so the
+engine's means are over real tokens (TFF/LEAF's Shakespeare token accuracy), not means of
+per-sequence means.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import optax
 from fedjax_sim.errors import UserError
 
 PerExample = Callable[[jax.Array, jax.Array], jax.Array]
+ExampleWeight = Callable[[jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +38,10 @@ class Task:
       label_key: which feature of the data holds the labels.
       check: `(output_shape, labels) -> None`, raises `UserError` when the model's output
         cannot match the labels (called once, before anything is compiled).
+      example_weight: optional `labels [B, ...] -> [B]`, how much each example counts
+        (e.g. its number of real tokens); None: every real example counts 1. The loss and
+        metrics are then per-example means over the same units (per-token means), so
+        `value_i * weight_i` is the example's total.
     """
 
     name: str
@@ -39,18 +49,36 @@ class Task:
     metrics: dict[str, PerExample]
     label_key: str = "y"
     check: Callable[[tuple[int, ...], np.ndarray], None] | None = None
+    example_weight: ExampleWeight | None = None
 
     def masked_sums(self, outputs: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
-        """Sums over the real examples (mask=True): `loss`, each metric, and `count`.
+        """Weighted sums over the real examples (mask=True): `loss`, each metric, and
+        `count` (the number of real examples, or their total `example_weight`).
 
         Dividing by `count` gives means that padded examples never touch, however the
         examples are split into batches.
         """
         weight = mask.astype(jnp.float32)
+        if self.example_weight is not None:
+            weight = weight * self.example_weight(labels).astype(jnp.float32)
         sums = {"loss": jnp.sum(self.loss(outputs, labels) * weight), "count": jnp.sum(weight)}
         for name, fn in self.metrics.items():
             sums[name] = jnp.sum(fn(outputs, labels) * weight)
         return sums
+
+
+def _top1_hits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """[argmax(z) == y] as float32 over the last axis of `logits` [..., K] (labels [...]).
+
+    Keeps argmax's first-maximum tie rule but is written with plain max reductions:
+    XLA:CPU runs argmax's (value, index) reduction several times slower.
+    """
+    labels = labels.astype(jnp.int32)[..., None]
+    classes = jnp.arange(logits.shape[-1])
+    z_y = jnp.take_along_axis(logits, labels, axis=-1)[..., 0]
+    below = jnp.max(jnp.where(classes < labels, logits, -jnp.inf), axis=-1)
+    above = jnp.max(jnp.where(classes > labels, logits, -jnp.inf), axis=-1)
+    return ((z_y > below) & (z_y >= above)).astype(jnp.float32)
 
 
 def classification(label_key: str = "y") -> Task:
@@ -64,14 +92,7 @@ def classification(label_key: str = "y") -> Task:
             logits.astype(jnp.float32), labels.astype(jnp.int32))
 
     def accuracy(logits, labels):
-        # [argmax(z) == y] with argmax's first-maximum tie rule, written with plain max
-        # reductions: XLA:CPU runs argmax's (value, index) reduction several times slower.
-        labels = labels.astype(jnp.int32)[:, None]
-        classes = jnp.arange(logits.shape[-1])[None, :]
-        z_y = jnp.take_along_axis(logits, labels, axis=-1)[:, 0]
-        below = jnp.max(jnp.where(classes < labels, logits, -jnp.inf), axis=-1)
-        above = jnp.max(jnp.where(classes > labels, logits, -jnp.inf), axis=-1)
-        return ((z_y > below) & (z_y >= above)).astype(jnp.float32)
+        return _top1_hits(logits, labels)
 
     def check(output_shape, labels):
         if len(output_shape) != 2:
@@ -118,13 +139,74 @@ def regression(label_key: str = "y") -> Task:
     return Task("regression", loss, {"mse": loss, "mae": mae}, label_key, check)
 
 
+def sequence(pad_id: int = 0, label_key: str = "y") -> Task:
+    """Token-level softmax cross-entropy for sequences (e.g. next-character prediction);
+    reports token `accuracy`.
+
+    Outputs are logits [B, T, V], labels integer token ids [B, T]; positions whose label is
+    `pad_id` do not count. With R_i the real positions of sequence i:
+
+        loss_i = mean_{t in R_i} -log softmax(z_it)[y_it]
+        accuracy_i = mean_{t in R_i} [argmax z_it == y_it]   (first-maximum ties)
+        example_weight_i = |R_i|
+
+    so the engine's means are over all real tokens. A sequence with no real token has
+    loss 0, accuracy 0 and weight 0.
+    """
+    pad_id = int(pad_id)
+
+    def num_tokens(labels):
+        return jnp.sum(labels != pad_id, axis=-1).astype(jnp.float32)
+
+    def token_mean(values, labels):
+        real = labels != pad_id
+        total = jnp.sum(jnp.where(real, values, 0.0), axis=-1)
+        return total / jnp.maximum(jnp.sum(real, axis=-1), 1).astype(jnp.float32)
+
+    def loss(logits, labels):
+        labels = labels.astype(jnp.int32)
+        token_loss = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), labels)
+        return token_mean(token_loss, labels)
+
+    def accuracy(logits, labels):
+        return token_mean(_top1_hits(logits, labels), labels)
+
+    def check(output_shape, labels):
+        if len(output_shape) != 3:
+            raise UserError(
+                f"the sequence task needs model outputs of shape [batch, length, vocabulary], "
+                f"got {list(output_shape)}; use a sequence model such as model.name='char_lstm'")
+        length, vocab = output_shape[1], output_shape[2]
+        if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(
+                f"the sequence task needs integer token labels of shape [N, length], got "
+                f"{labels.dtype} {list(labels.shape)}; use task=classification() for one "
+                f"label per example")
+        if labels.shape[1] != length:
+            raise UserError(
+                f"the model outputs sequences of length {length} but labels have length "
+                f"{labels.shape[1]}; give the model inputs as long as the label sequences")
+        real = labels[labels != pad_id]
+        if real.size == 0:
+            raise UserError(f"every label is the padding id {pad_id}; the data has no tokens "
+                            f"to learn (check the data or the task's pad_id)")
+        lo, hi = int(real.min()), int(real.max())
+        if lo < 0 or hi >= vocab:
+            raise UserError(
+                f"the model outputs {vocab} tokens per position but labels range over "
+                f"[{lo}, {hi}]; set model.num_outputs to the vocabulary size (at least {hi + 1})")
+
+    return Task("sequence", loss, {"accuracy": accuracy}, label_key, check, num_tokens)
+
+
 def custom(loss: PerExample, metrics: dict[str, PerExample] | None = None,
            label_key: str = "y", name: str = "custom") -> Task:
     """A user-supplied per-example loss (and metrics); no output/label check."""
     return Task(name, loss, dict(metrics or {}), label_key, None)
 
 
-TASKS = {"classification": classification, "regression": regression}
+TASKS = {"classification": classification, "regression": regression, "sequence": sequence}
 
 
 def get_task(name: str, **kwargs) -> Task:
