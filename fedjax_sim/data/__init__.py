@@ -1,7 +1,20 @@
-"""Federated datasets: storage, partitioners that simulate clients, and offline sources."""
+"""Federated datasets: storage, partitioners that simulate clients, loaders for public and
+natural per-user datasets, and on-device preprocessing."""
 
+from fedjax_sim.data import text
+from fedjax_sim.data.augment import Preprocess
 from fedjax_sim.data.builtin import load_diabetes, load_digits, synthetic
+from fedjax_sim.data.describe import describe, format_description, plot_description
 from fedjax_sim.data.federated_data import FederatedData
+from fedjax_sim.data.files import (
+    leaf_femnist,
+    leaf_shakespeare,
+    load_leaf,
+    load_tff_h5,
+    tff_cifar100,
+    tff_emnist,
+    tff_shakespeare,
+)
 from fedjax_sim.data.partition import (
     PARTITIONERS,
     dirichlet,
@@ -12,18 +25,33 @@ from fedjax_sim.data.partition import (
     quantity_skew,
     shards,
 )
+from fedjax_sim.data.tfds_source import load_tfds, tfds
 
 __all__ = [
     "FederatedData",
     "PARTITIONERS",
+    "Preprocess",
+    "describe",
     "dirichlet",
+    "format_description",
     "get_partitioner",
     "iid",
     "label_skew",
+    "leaf_femnist",
+    "leaf_shakespeare",
     "load_diabetes",
     "load_digits",
+    "load_leaf",
+    "load_tff_h5",
+    "load_tfds",
     "partition",
+    "plot_description",
     "quantity_skew",
     "shards",
     "synthetic",
+    "text",
+    "tff_cifar100",
+    "tff_emnist",
+    "tff_shakespeare",
+    "tfds",
 ]

@@ -277,6 +277,30 @@ class FederatedData:
             [self.client_ids[int(i)] for i in indices],
         )
 
+    def holdout(self, clients: int | float, seed: int) -> tuple[FederatedData, FederatedData]:
+        """(kept, held out): a uniformly random set of clients set aside, never trained on.
+
+        `clients` is a count (int >= 1) or a fraction of the clients (float in (0, 1),
+        rounded to the nearest count, at least 1). Both parts keep the clients' original
+        order. Evaluating on held-out clients measures how a model serves clients that did
+        not take part in training (the "participation gap" of Yuan et al. 2022).
+        """
+        c = self.num_clients
+        if isinstance(clients, bool) or not isinstance(clients, (int, float, np.integer, np.floating)):
+            raise UserError(f"holdout needs a client count or fraction, got {clients!r}")
+        if isinstance(clients, (float, np.floating)) and not float(clients).is_integer():
+            if not 0.0 < clients < 1.0:
+                raise UserError(f"a held-out fraction must be in (0, 1), got {clients}")
+            count = max(1, int(round(c * float(clients))))
+        else:
+            count = int(clients)
+        if not 1 <= count < c:
+            raise UserError(f"cannot hold out {count} of {c} clients; hold out at least 1 and "
+                            f"keep at least 1 for training")
+        held = np.sort(np.random.default_rng(seed).choice(c, count, replace=False))
+        kept = np.setdiff1d(np.arange(c), held)
+        return self.subset(kept), self.subset(held)
+
     def empty_clients(self) -> list[str]:
         """Ids of clients with n_i == 0."""
         return [cid for cid, n in zip(self.client_ids, self.client_sizes) if n == 0]

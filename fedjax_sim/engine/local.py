@@ -16,6 +16,11 @@ import jax.numpy as jnp
 PyTree = Any
 # step(carry, batch, example_mask [B], rng) -> (carry, metric_sums: dict of scalars)
 StepFn = Callable[[PyTree, dict, jax.Array, jax.Array], tuple[PyTree, dict]]
+# preprocess(batch, rng) -> batch: on-device conversion and augmentation (data.augment)
+PreprocessFn = Callable[[dict, jax.Array], dict]
+# A step's augmentation key: fold_in(step key, AUGMENT_STREAM); the step itself (dropout,
+# DP noise) uses the step key, so the two streams are independent.
+AUGMENT_STREAM = 0xA06
 
 
 class LocalData:
@@ -28,8 +33,9 @@ class LocalData:
 
     def __init__(self, data: dict, offset: jax.Array, idx: jax.Array, mask: jax.Array,
                  num_examples: jax.Array, client_id: jax.Array, unroll: int | bool,
-                 live: jax.Array | None = None):
+                 live: jax.Array | None = None, preprocess: PreprocessFn | None = None):
         self._data, self._offset, self._idx, self._mask = data, offset, idx, mask
+        self._preprocess = preprocess
         # Which steps run: by default those whose batch holds a real example; Poisson
         # (DP-SGD) schedules run every step of a non-empty client.
         self._live = jnp.any(mask, axis=1) if live is None else live
@@ -52,20 +58,28 @@ class LocalData:
         carry exactly unchanged and adds nothing to the metrics.
         """
 
+        def batch_of(s, step_key):
+            # Padded slots read the client's first row, so a batch never touches another
+            # client's examples (results do not depend on how the data is laid out).
+            rows = self._offset + jnp.where(self._mask[s], self._idx[s], 0)
+            batch = {k: jnp.take(v, rows, axis=0, mode="clip") for k, v in self._data.items()}
+            if self._preprocess is not None:
+                batch = self._preprocess(batch, jax.random.fold_in(step_key, AUGMENT_STREAM))
+            return batch
+
         def body(state, s):
             carry, sums = state
-            rows = self._offset + self._idx[s]
-            batch = {k: jnp.take(v, rows, axis=0, mode="clip") for k, v in self._data.items()}
+            step_key = jax.random.fold_in(key, s)
+            batch = batch_of(s, step_key)
             mask = self._mask[s]
-            new_carry, metrics = step(carry, batch, mask, jax.random.fold_in(key, s))
+            new_carry, metrics = step(carry, batch, mask, step_key)
             live = self._live[s]
             carry = jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), new_carry, carry)
             sums = jax.tree_util.tree_map(lambda acc, m: acc + jnp.where(live, m, 0), sums, metrics)
             return (carry, sums), None
 
         # Metric structure from an abstract evaluation of one step.
-        zero_batch = {k: v[self._offset + self._idx[0]] for k, v in self._data.items()}
-        shapes = jax.eval_shape(lambda c: step(c, zero_batch, self._mask[0], key)[1], carry)
+        shapes = jax.eval_shape(lambda c: step(c, batch_of(0, key), self._mask[0], key)[1], carry)
         sums0 = jax.tree_util.tree_map(lambda sd: jnp.zeros(sd.shape, jnp.float32), shapes)
         steps = jnp.arange(self.num_steps)
         unroll = True if (self._unroll is True or self._unroll >= self.num_steps) else int(self._unroll)

@@ -156,8 +156,11 @@ class RoundProgram:
     def __init__(self, algorithm: Algorithm, problem: Problem, aggregator: AggregatorPart,
                  schedule: Schedule, *, num_clients: int, max_client_size: int,
                  clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool,
-                 sampling: ClientSampling | None = None):
+                 sampling: ClientSampling | None = None, preprocess=None):
+        """`preprocess(batch, rng, train)` (data.augment.Preprocess) converts and augments
+        each local batch on device; None feeds the stored features as they are."""
         self.algorithm, self.problem, self.aggregator = algorithm, problem, aggregator
+        self.preprocess = preprocess
         self.schedule = schedule
         self.num_clients, self.max_client_size = num_clients, max_client_size
         self.sampling = sampling or ClientSampling("fixed", clients_per_round)
@@ -252,6 +255,12 @@ class RoundProgram:
             self._cohorts_jit = jax.jit(draw)
         return self._cohorts_jit(root, jnp.arange(start, start + count, dtype=jnp.int32))
 
+    @property
+    def _train_preprocess(self):
+        if self.preprocess is None:
+            return None
+        return functools.partial(self.preprocess, train=True)
+
     def _client_draws(self, k_clients, cid):
         return client_randomness(k_clients, cid, bits_needed(self.schedule, self.max_client_size))
 
@@ -297,7 +306,7 @@ class RoundProgram:
             steps_live = (jnp.broadcast_to(n > 0, (self.schedule.num_steps,))
                           if self.schedule.sampling_rate is not None else None)
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
-                              live=steps_live)
+                              live=steps_live, preprocess=self._train_preprocess)
             # The client's state row is gathered here, inside the map, so only a chunk's
             # rows are materialised at a time.
             own = (None if table is None else

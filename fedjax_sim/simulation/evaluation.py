@@ -29,23 +29,28 @@ from fedjax_sim.models.tasks import Task
 PyTree = Any
 
 
-def _masked_sums(model: Model, task: Task, input_key: str, params, model_state, batch, mask):
+def _masked_sums(model: Model, task: Task, input_key: str, params, model_state, batch, mask,
+                 preprocess=None):
+    if preprocess is not None:
+        batch = preprocess(batch, None, train=False)
     outputs, _ = model.apply(params, model_state, batch[input_key], train=False)
     return task.masked_sums(outputs, batch[task.label_key], mask)
 
 
-def _zero_sums(model: Model, task: Task, input_key: str, params, model_state, batch, mask):
+def _zero_sums(model: Model, task: Task, input_key: str, params, model_state, batch, mask,
+               preprocess=None):
     """Float32 zeros shaped like `_masked_sums(...)`, to start an accumulation."""
     shapes = jax.eval_shape(
-        lambda: _masked_sums(model, task, input_key, params, model_state, batch, mask))
+        lambda: _masked_sums(model, task, input_key, params, model_state, batch, mask, preprocess))
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
 
 class CentralEvaluator:
-    """Loss and metrics of a model on one pooled dataset (dict of arrays)."""
+    """Loss and metrics of a model on one pooled dataset (dict of arrays); `preprocess`
+    (data.augment.Preprocess) converts each batch on device."""
 
     def __init__(self, model: Model, task: Task, data: dict, *, input_key: str = "x",
-                 batch_size: int = 256):
+                 batch_size: int = 256, preprocess=None):
         n = len(data[task.label_key])
         b = max(1, min(batch_size, n))
         num_batches = math.ceil(n / b)
@@ -60,11 +65,13 @@ class CentralEvaluator:
         def evaluate(params, model_state, batches, mask):
             def body(acc, xs):
                 batch, m = xs
-                sums = _masked_sums(model, task, input_key, params, model_state, batch, m)
+                sums = _masked_sums(model, task, input_key, params, model_state, batch, m,
+                                    preprocess)
                 return jax.tree_util.tree_map(jnp.add, acc, sums), None
 
             zero = _zero_sums(model, task, input_key, params, model_state,
-                              jax.tree_util.tree_map(lambda x: x[0], batches), mask[0])
+                              jax.tree_util.tree_map(lambda x: x[0], batches), mask[0],
+                              preprocess)
             sums, _ = jax.lax.scan(body, zero, (batches, mask))
             count = jnp.maximum(sums.pop("count"), 1.0)
             return {k: v / count for k, v in sums.items()}
@@ -118,17 +125,21 @@ class ClientEvaluator:
       'personal':  the client's personal model, `personalize(params, client_state)`;
       'finetuned': that model after `finetune` steps on the client's own training rows.
     The clients run vmapped in chunks of `clients_per_chunk`. Fine-tuning reads the
-    evaluation clients' rows of `train_data` (a FederatedData), from `train_arrays` (its
-    `DeviceData`) when the caller has already placed it on device.
+    evaluation clients' rows of `train_data` (a FederatedData): from `train_arrays` (its
+    `DeviceData`) when the caller has already placed it on device, or, with
+    `train_stream` (engine.streaming.HostData: training data kept on host), block by block
+    of clients, each block's training rows sent to the device for that block only.
     """
 
     def __init__(self, model: Model, task: Task, data, *, input_key: str = "x",
                  batch_size: int = 256, clients_per_chunk: int | None = 64,
                  global_model: bool = True, personalize=None, finetune: FineTune | None = None,
-                 train_data=None, train_arrays=None, root: jax.Array | None = None):
+                 train_data=None, train_arrays=None, train_stream=None,
+                 root: jax.Array | None = None, preprocess=None, block: int = 1024):
         self.client_ids = data.client_ids
         self.num_clients = data.num_clients
         self.personalized = personalize is not None
+        self.block = block
         sizes = np.asarray(data.client_sizes)
         max_n = max(1, int(sizes.max()))
         b = max(1, min(batch_size, max_n))
@@ -142,8 +153,19 @@ class ClientEvaluator:
         if train_data is not None and (self.personalized or finetune is not None):
             self.train_rows = _train_rows(data.client_ids, train_data.client_ids)
         tune = None
+        self._train_arrays, self._train_stream = None, None
         if finetune is not None:
-            tune = _fine_tuner(model, task, input_key, finetune, train_data, train_arrays, root)
+            if train_data is None:
+                raise UserError("fine-tuning evaluation needs the training data of the "
+                                "evaluation clients")
+            tune = _fine_tuner(model, task, input_key, finetune, train_data.max_client_size,
+                               root, preprocess)
+            if train_stream is not None:
+                self._train_stream = train_stream
+            else:
+                # The training data already placed for the rounds serves, not a second copy.
+                self._train_arrays = (train_arrays if train_arrays is not None
+                                      else DeviceData.from_federated(train_data))
 
         def sums_of(params, model_state, cid):
             def body(acc, j):
@@ -151,14 +173,16 @@ class ClientEvaluator:
                 mask = local < sizes_d[cid]
                 rows = offsets[cid] + jnp.where(mask, local, 0)
                 batch = {k: v[rows] for k, v in features.items()}
-                out = _masked_sums(model, task, input_key, params, model_state, batch, mask)
+                out = _masked_sums(model, task, input_key, params, model_state, batch, mask,
+                                   preprocess)
                 return jax.tree_util.tree_map(jnp.add, acc, out), None
 
             zero = _zero_sums(model, task, input_key, params, model_state,
-                              {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool))
+                              {k: v[:b] for k, v in features.items()}, jnp.ones(b, bool),
+                              preprocess)
             return jax.lax.scan(body, zero, jnp.arange(num_batches))[0]
 
-        def evaluate(params, model_state, ids, train_rows, states):
+        def evaluate(params, model_state, ids, train_rows, states, train_arrays):
             def one_client(per_client):
                 cid, train_row, state = per_client
                 out = {}
@@ -168,7 +192,8 @@ class ClientEvaluator:
                 if personalize is not None:
                     out["personal"] = sums_of(own, model_state, cid)
                 if tune is not None:
-                    out["finetuned"] = sums_of(tune(own, model_state, train_row), model_state, cid)
+                    tuned = tune(own, model_state, train_row, train_arrays)
+                    out["finetuned"] = sums_of(tuned, model_state, cid)
                 return jnp.float32(0), jnp.float32(0), out
 
             _, _, sums = map_clients(one_client, (ids, train_rows, states), clients_per_chunk)
@@ -185,13 +210,16 @@ class ClientEvaluator:
         host (then streamed in blocks of clients).
         """
         ids = np.arange(self.num_clients, dtype=np.int32)
-        if not self.personalized:
-            sums = self._evaluate(params, model_state, ids, self.train_rows, None)
-        elif not _on_host(client_states):
-            states = jax.tree_util.tree_map(lambda t: t[self.train_rows], client_states)
-            sums = self._evaluate(params, model_state, ids, self.train_rows, states)
+        host_states = self.personalized and _on_host(client_states)
+        if host_states or self._train_stream is not None:
+            sums = self._blocks(params, model_state, client_states)
+        elif not self.personalized:
+            sums = self._evaluate(params, model_state, ids, self.train_rows, None,
+                                  self._train_arrays)
         else:
-            sums = self._host_blocks(params, model_state, client_states)
+            states = jax.tree_util.tree_map(lambda t: t[self.train_rows], client_states)
+            sums = self._evaluate(params, model_state, ids, self.train_rows, states,
+                                  self._train_arrays)
         sums = jax.device_get(sums)
         out = {}
         for name, part in sums.items():
@@ -202,13 +230,23 @@ class ClientEvaluator:
             out[name] = per_client
         return out
 
-    def _host_blocks(self, params, model_state, host_states, block: int = 1024):
+    def _blocks(self, params, model_state, client_states):
+        """Evaluates blocks of `self.block` clients: each block takes its clients' rows of
+        host-kept client states and, with streamed training data, their training rows."""
         parts = []
+        block = min(self.block, self.num_clients)
         for lo in range(0, self.num_clients, block):
             ids = np.arange(lo, lo + block, dtype=np.int32) % self.num_clients
             rows = self.train_rows[ids]
-            states = jax.tree_util.tree_map(lambda t: jnp.asarray(t[rows]), host_states)
-            parts.append(jax.device_get(self._evaluate(params, model_state, ids, rows, states)))
+            states = None
+            if self.personalized:
+                states = jax.tree_util.tree_map(
+                    lambda t: jnp.asarray(np.asarray(t)[rows]) if _on_host(client_states)
+                    else t[rows], client_states)
+            arrays = (self._train_stream.clients(rows) if self._train_stream is not None
+                      else self._train_arrays)
+            parts.append(jax.device_get(self._evaluate(params, model_state, ids, rows, states,
+                                                       arrays)))
         joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
         return jax.tree_util.tree_map(lambda x: x[:self.num_clients], joined)
 
@@ -230,28 +268,28 @@ def _train_rows(eval_ids, train_ids) -> np.ndarray:
     return np.asarray([index[cid] for cid in eval_ids], np.int32)
 
 
-def _fine_tuner(model: Model, task: Task, input_key: str, finetune: FineTune, train_data,
-                train_arrays, root: jax.Array | None):
-    """tune(params, model_state, train_row) -> params after `finetune.steps` local steps."""
-    if train_data is None:
-        raise UserError("fine-tuning evaluation needs the training data of the evaluation clients")
-    max_size = train_data.max_client_size
+def _fine_tuner(model: Model, task: Task, input_key: str, finetune: FineTune, max_size: int,
+                root: jax.Array | None, preprocess=None):
+    """tune(params, model_state, train_row, arrays) -> params after `finetune.steps` local
+    steps on the client's rows of `arrays` (a DeviceData of the training data, or of the
+    rows of a block of clients, indexed by training row either way)."""
     schedule = make_schedule(max_size, batch_size=finetune.batch_size, local_epochs=None,
                              local_steps=finetune.steps)
-    # The training data already placed for the rounds serves, rather than a second copy.
-    arrays = train_arrays if train_arrays is not None else DeviceData.from_federated(train_data)
-    features, offsets, sizes = arrays.features, arrays.offsets, arrays.sizes
     stream = jax.random.fold_in(root if root is not None else jax.random.key(0), FINETUNE_STREAM)
     optimizer = finetune.make_optimizer()
     num_bits = bits_needed(schedule, max_size)
+    train_preprocess = (None if preprocess is None
+                        else lambda batch, rng: preprocess(batch, rng, train=True))
 
-    def tune(params, model_state, row):
+    def tune(params, model_state, row, arrays):
+        features, offsets, sizes = arrays.features, arrays.offsets, arrays.sizes
         problem = Problem(model, task, model_state, input_key)
         key = jax.random.fold_in(stream, row)
         k_bits, k_train = jax.random.split(key)
         bits = jax.random.bits(k_bits, (num_bits,), jnp.uint32)
         idx, mask = client_batches(schedule, bits, sizes[row], max_size)
-        local = LocalData(features, offsets[row], idx, mask, sizes[row], row, unroll=True)
+        local = LocalData(features, offsets[row], idx, mask, sizes[row], row, unroll=True,
+                          preprocess=train_preprocess)
 
         def step(carry, batch, m, k):
             p, opt_state = carry

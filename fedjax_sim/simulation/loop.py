@@ -23,8 +23,12 @@ import numpy as np
 from fedjax_sim.aggregators import AggregatorPart, weighted_mean
 from fedjax_sim.algorithms.base import Algorithm, Problem
 from fedjax_sim.engine.batching import make_schedule
-from fedjax_sim.engine.client_states import PLACEMENTS, HostClientStates, resolve_placement
+from fedjax_sim.engine.client_states import (PLACEMENTS, HostClientStates, device_memory_bytes,
+                                             resolve_placement)
 from fedjax_sim.engine.round import DeviceData, RoundProgram
+from fedjax_sim.engine.streaming import (DATA_PLACEMENTS, HostData, data_bytes, parse_bytes,
+                                         resolve_data_placement)
+from fedjax_sim.data.augment import Preprocess, default_preprocess
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task, classification
@@ -65,17 +69,30 @@ class EngineOptions:
     client_states: where a stateful algorithm's per-client states live: 'device', 'host'
       (streamed per call, engine.client_states), or 'auto' (device while they take at most
       a quarter of the accelerator's memory; always device on CPU).
+    data_placement: where the training data lives: 'device' (placed once), 'host'
+      (each call's cohort rows streamed to the device, the next call's prefetched while
+      one runs; engine.streaming), or 'auto' (host when the data exceeds
+      `device_data_budget`, or without one half of the accelerator's memory).
+    device_data_budget: bytes of device memory the training data may take (an int or a
+      size such as '2GiB'); with 'host' placement one call's streamed rows must fit it too
+      (rounds_per_call is lowered until they do).
     """
 
     clients_per_chunk: int | None | str = "auto"
     unroll: int | bool | str = "auto"
     rounds_per_call: int | str = "auto"
     client_states: str = "auto"
+    data_placement: str = "auto"
+    device_data_budget: int | str | None = None
 
     def __post_init__(self):
         if self.client_states not in PLACEMENTS:
             raise UserError(f"engine.client_states must be one of {list(PLACEMENTS)}, got "
                             f"{self.client_states!r}")
+        if self.data_placement not in DATA_PLACEMENTS:
+            raise UserError(f"engine.data_placement must be one of {list(DATA_PLACEMENTS)}, got "
+                            f"{self.data_placement!r}")
+        parse_bytes(self.device_data_budget)
 
 
 def has_convolution(model: Model, params, model_state, example_x) -> bool:
@@ -268,6 +285,7 @@ def simulate(
     task: Task | None = None,
     eval_data: dict | None = None,
     client_eval_data=None,
+    heldout_data=None,
     finetune: FineTune | None = None,
     eval_every: int = 10,
     eval_batch_size: int = 256,
@@ -275,6 +293,7 @@ def simulate(
     aggregator: AggregatorPart | None = None,
     privacy=None,
     engine: EngineOptions = EngineOptions(),
+    preprocess: Preprocess | str | None = "auto",
     input_key: str = "x",
     workdir: str | None = None,
     checkpoint: CheckpointOptions = CheckpointOptions(),
@@ -296,6 +315,10 @@ def simulate(
       client_eval_data: a `FederatedData` with the same clients' held-out examples for
         per-client `client_test_*` metrics (mean, percentiles, min); personalized
         algorithms add `client_personal_*` (each client's own model).
+      heldout_data: clients never trained on (their ids must not be training clients): a
+        `FederatedData`, evaluated per client with the global model (`heldout_test_*`),
+        or a pair (their training split, their test split), which with `finetune` also
+        reports `heldout_finetuned_*` (fine-tuned on the first, tested on the second).
       finetune: `FineTune(steps, learning_rate, batch_size)`: per-client evaluation also
         fine-tunes each evaluation client's model on its own training split and reports
         `client_finetuned_*` (needs `client_eval_data`).
@@ -306,7 +329,12 @@ def simulate(
         updates, Poisson client sampling by default) or `ExampleLevelDP(...)` (DP-SGD in
         every client). Each round's `epsilon` is logged; `target_epsilon` stops training
         before it would be exceeded (the summary's `stopped` says so).
-      engine: execution strategy (default: chosen by backend and model).
+      engine: execution strategy (default: chosen by backend and model), including where
+        the training data lives (`data_placement`, `device_data_budget`).
+      preprocess: on-device conversion and augmentation of each batch's inputs
+        (`fedjax_sim.data.Preprocess`: uint8 -> float scaling, normalisation, random
+        crop and flip in local training). 'auto': uint8 images are scaled to [0, 1],
+        other inputs are fed as stored; None: always as stored.
       workdir: if given, `metrics.jsonl`, `summary.json` and the final `params.npz` are
         written there, and checkpoints in `workdir/checkpoints` (see `checkpoint`). If that
         directory already holds checkpoints of this run, the run resumes from the newest
@@ -325,6 +353,14 @@ def simulate(
     """
     task = task or classification()
     _check_inputs(model, train_data, rounds, clients_per_round, eval_every, task, input_key)
+    if isinstance(preprocess, str):
+        if preprocess != "auto":
+            raise UserError(f"preprocess must be 'auto', None or a fedjax_sim.data.Preprocess, "
+                            f"got {preprocess!r}")
+        preprocess = default_preprocess(train_data.features[input_key], input_key)
+    if isinstance(preprocess, Preprocess):
+        preprocess.check(tuple(train_data.features[input_key].shape[1:]))
+    heldout = _heldout_parts(heldout_data, train_data)
     if finetune is not None and client_eval_data is None:
         raise UserError("finetune= evaluates each client after fine-tuning on its own data; it "
                         "needs client_eval_data (per-client test splits, e.g. from "
@@ -355,6 +391,8 @@ def simulate(
     # step cost estimate.
     example_batch = {k: jnp.asarray(train_data.features[k][:schedule.batch_size])
                      for k in (input_key, task.label_key)}
+    if preprocess is not None:
+        example_batch = preprocess(example_batch, None, train=False)
     example_x = example_batch[input_key]
     try:
         out_shape = jax.eval_shape(lambda p: model.apply(p, model_state, example_x, train=False)[0],
@@ -384,15 +422,30 @@ def simulate(
                            max_client_size=train_data.max_client_size,
                            clients_per_round=clients_per_round,
                            clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"],
-                           sampling=sampling)
-    data = DeviceData.from_federated(train_data)
+                           sampling=sampling, preprocess=preprocess)
+    budget = parse_bytes(engine.device_data_budget)
+    data_placement = resolve_data_placement(
+        engine.data_placement, data_bytes(train_data), budget,
+        None if backend == "cpu" else device_memory_bytes())
+    streamer = HostData(train_data) if data_placement == "host" else None
+    data = DeviceData.from_federated(train_data) if streamer is None else None
     central = CentralEvaluator(model, task, eval_data, input_key=input_key,
-                               batch_size=eval_batch_size) if eval_data is not None else None
+                               batch_size=eval_batch_size,
+                               preprocess=preprocess) if eval_data is not None else None
     personalize = algorithm.personal_params if algorithm.personalized else None
     per_client = ClientEvaluator(
         model, task, client_eval_data, input_key=input_key, batch_size=eval_batch_size,
         global_model=algorithm.global_model, personalize=personalize, finetune=finetune,
-        train_data=train_data, train_arrays=data, root=root) if client_eval_data is not None else None
+        train_data=train_data, train_arrays=data, train_stream=streamer, root=root,
+        preprocess=preprocess) if client_eval_data is not None else None
+    heldout_eval = None
+    if heldout is not None:
+        tune_on, test_on = heldout
+        heldout_eval = ClientEvaluator(
+            model, task, test_on, input_key=input_key, batch_size=eval_batch_size,
+            global_model=algorithm.global_model,
+            finetune=finetune if tune_on is not None else None, train_data=tune_on,
+            root=jax.random.fold_in(root, HELDOUT_STREAM), preprocess=preprocess)
     if not algorithm.global_model:
         central = None  # e.g. FedPer: the server's head is never trained
 
@@ -456,6 +509,10 @@ def simulate(
 
     every = checkpoint.every_rounds if ckpt is not None else None
     per_call = min(choice["rounds_per_call"], eval_every, rounds, every or rounds)
+    if streamer is not None:
+        per_call = _fit_stream_window(streamer, per_call, slots, budget)
+        streamer.set_window(per_call * slots)
+        data = streamer.template()
     t0 = time.perf_counter()
     if placement != "host":
         run = program.compile(state, data, model_state, root, per_call)
@@ -464,6 +521,8 @@ def simulate(
         table, rows = host_states.template(state.clients)
         run = host_states.stream(program.compile(state._replace(clients=table), data, model_state,
                                                  root, per_call, rows), program)
+    if streamer is not None:
+        run = streamer.stream(run, program, per_call)
     compile_seconds = time.perf_counter() - t0
 
     writer = None
@@ -516,7 +575,8 @@ def simulate(
             done += count
             if done % eval_every == 0 or last:
                 evaluated, client_metrics = _evaluate(algorithm.params(state.server), model_state,
-                                                      central, per_client, state.clients)
+                                                      central, per_client, state.clients,
+                                                      heldout_eval)
                 rows[-1].update(evaluated)
             _log(rows, history, writer, callback)
             bar.update(count, rows[-1], (done - start_round) / max(train_seconds, 1e-9))
@@ -528,6 +588,8 @@ def simulate(
                 saved_round, last_save = done, time.perf_counter()
     finally:
         bar.close()
+        if streamer is not None:
+            streamer.close()
         if writer:
             writer.close()
         if ckpt is not None:
@@ -547,7 +609,7 @@ def simulate(
         "resumed_from_round": start_round,
         "num_params": model.num_params(params),
         "engine": {**choice, "backend": backend, "local_steps": schedule.num_steps,
-                   "batch_size": schedule.batch_size},
+                   "batch_size": schedule.batch_size, "data_placement": data_placement},
         "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
                  "max_client_size": train_data.max_client_size, **(metadata or {})},
     }
@@ -563,6 +625,43 @@ def simulate(
             _write_json(os.path.join(workdir, "client_metrics.json"), client_metrics)
     return Result(params, model_state, state.server, history, summary, state.clients,
                   client_metrics)
+
+
+# Fine-tuning randomness of held-out clients: its own stream, apart from the training clients'.
+HELDOUT_STREAM = 0x4E1D
+
+
+def _heldout_parts(heldout_data, train_data):
+    """(fine-tuning split or None, test split) of the held-out clients, checked."""
+    if heldout_data is None:
+        return None
+    parts = tuple(heldout_data) if isinstance(heldout_data, (tuple, list)) else (None, heldout_data)
+    if len(parts) != 2 or not all(p is None or hasattr(p, "client_ids") for p in parts):
+        raise UserError("heldout_data must be a FederatedData of held-out clients or a pair "
+                        "(their fine-tuning split, their test split) of FederatedData")
+    tune_on, test_on = parts
+    training = set(train_data.client_ids)
+    for part in parts:
+        overlap = [] if part is None else [c for c in part.client_ids if c in training]
+        if overlap:
+            raise UserError(f"{len(overlap)} held-out client(s) (e.g. {overlap[0]!r}) are also "
+                            f"training clients; held-out clients must never be trained on "
+                            f"(split them off with FederatedData.holdout)")
+    return tune_on, test_on
+
+
+def _fit_stream_window(streamer, per_call: int, slots: int, budget: int | None) -> int:
+    """The most rounds per call (at most `per_call`) whose streamed rows fit `budget`."""
+    if budget is None:
+        return per_call
+    row = streamer.row_bytes()
+    for rounds in range(per_call, 0, -1):
+        if streamer.capacity_for(rounds * slots) * row <= budget:
+            return rounds
+    need = streamer.capacity_for(slots) * row
+    raise UserError(f"one round's cohort needs {need / 2**20:.1f} MiB of training data on the "
+                    f"device, more than engine.device_data_budget ({budget / 2**20:.1f} MiB); "
+                    f"raise the budget or lower clients_per_round")
 
 
 def _checkpoint_tree(state, model_state) -> dict:
@@ -632,7 +731,7 @@ def _prepare_workdir(workdir):
 
 def _final_metrics(row: dict) -> dict:
     """The evaluation metrics of a (last) metrics row."""
-    return {k: v for k, v in row.items() if k.startswith(("test_", "client_"))}
+    return {k: v for k, v in row.items() if k.startswith(("test_", "client_", "heldout_"))}
 
 
 def _atomic_write(path, text: str):
@@ -700,7 +799,7 @@ def _scalar(x):
     return x.item() if x.ndim == 0 else x.tolist()
 
 
-def _evaluate(params, model_state, central, per_client, client_states=None):
+def _evaluate(params, model_state, central, per_client, client_states=None, heldout=None):
     """(metrics row entries, per-client metrics or None)."""
     out, clients = {}, None
     if central is not None:
@@ -712,6 +811,9 @@ def _evaluate(params, model_state, central, per_client, client_states=None):
         clients = {"client_ids": [str(c) for c in per_client.client_ids],
                    **{name: {k: np.asarray(v).tolist() for k, v in values.items()}
                       for name, values in parts.items()}}
+    if heldout is not None:
+        for name, values in heldout(params, model_state).items():
+            out.update(summarize_clients(values, prefix=f"heldout_{name}_"))
     return out, clients
 
 

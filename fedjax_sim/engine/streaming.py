@@ -1,0 +1,170 @@
+"""Training data bigger than the device's budget: kept on host, streamed per call.
+
+By default the whole training set is placed on the device once and every round gathers
+its batches from it. When it does not fit (or exceeds `engine.device_data_budget`),
+`HostData` keeps it in host memory and, for each compiled call of `rounds_per_call`
+rounds, sends the device only the examples of the clients those rounds sample. The
+cohorts are known ahead: they depend only on the seed and the round, exactly as the round
+program draws them (`RoundProgram.cohorts`).
+
+A call's data is a `DeviceData` of fixed shape: a features buffer of `capacity` rows (the
+total size of the `window * cohort` largest clients, so any window fits) holding the
+sampled clients' rows packed one after another, the [C] offsets of those clients
+re-pointed into the buffer (other clients' offsets are unused), and the true [C] sizes.
+Every client's rows hold the same values at the same positions relative to its offset as
+in the on-device layout, and a batch only ever reads its own client's rows
+(engine.local), so results are identical to the on-device mode for the same seed.
+
+Prefetching: while call k runs on the device, a background thread packs call k+1's
+examples on the host and starts their transfer, so the device does not wait for the host
+between calls. The next call's cohorts are drawn before call k is dispatched, while the
+device is idle, so drawing them never queues behind the running call.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.engine.round import DeviceData
+from fedjax_sim.errors import UserError
+
+DATA_PLACEMENTS = ("auto", "device", "host")
+# With placement 'auto' and no explicit budget, the training data stays on an accelerator
+# while it takes at most this fraction of its memory.
+DEVICE_DATA_FRACTION = 0.5
+
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value) -> int | None:
+    """Bytes from an int or a string like '512MiB', '2 GB', '1.5GiB' (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise UserError(f"engine.device_data_budget must be a number of bytes > 0 or a size like "
+                    f"'512MiB' or '2GB', got {value!r}")
+
+
+def data_bytes(data) -> int:
+    """Bytes of a FederatedData's feature arrays."""
+    return int(sum(v.nbytes for v in data.features.values()))
+
+
+def resolve_data_placement(placement: str, nbytes: int, budget: int | None,
+                           device_limit: int | None) -> str:
+    """'device' or 'host' for `nbytes` of training data.
+
+    'auto': host when the data exceeds `budget`, or, without a budget, more than
+    DEVICE_DATA_FRACTION of the accelerator's memory (`device_limit`; None on CPU, where
+    host and device memory are the same, so the data stays 'on device').
+    """
+    if placement not in DATA_PLACEMENTS:
+        raise UserError(f"engine.data_placement must be one of {list(DATA_PLACEMENTS)}, got "
+                        f"{placement!r}")
+    if placement != "auto":
+        return placement
+    if budget is None and device_limit is not None:
+        budget = int(DEVICE_DATA_FRACTION * device_limit)
+    return "host" if budget is not None and nbytes > budget else "device"
+
+
+class HostData:
+    """Streams the rows of a host-kept FederatedData to the device, a window at a time."""
+
+    def __init__(self, data, window_clients: int | None = None):
+        self.data = data
+        self.num_clients = data.num_clients
+        self._sizes = np.asarray(data.client_sizes, np.int64)
+        self._offsets = np.asarray(data.offsets[:-1], np.int64)
+        self._sorted = np.sort(self._sizes)[::-1]
+        self.capacity = None
+        if window_clients is not None:
+            self.set_window(window_clients)
+        self._device_sizes = jnp.asarray(self._sizes, jnp.int32)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedjax-prefetch")
+        self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self.calls = self.prefetched = 0  # how many calls found their data already sent
+
+    def capacity_for(self, clients: int) -> int:
+        """Rows that any `clients` distinct clients fit in: the sizes of the largest ones."""
+        return max(1, int(self._sorted[:clients].sum()))
+
+    def set_window(self, clients: int) -> None:
+        """Fixes the streamed buffer's size: any `clients` distinct clients fit."""
+        self.capacity = self.capacity_for(clients)
+
+    def row_bytes(self) -> int:
+        """Bytes of one example (all features)."""
+        return int(sum(v[:1].nbytes for v in self.data.features.values()))
+
+    def template(self) -> DeviceData:
+        """A DeviceData of the streamed shapes (for compiling)."""
+        feats = {k: jnp.zeros((self.capacity, *v.shape[1:]), v.dtype)
+                 for k, v in self.data.features.items()}
+        return DeviceData(feats, jnp.zeros(self.num_clients, jnp.int32), self._device_sizes)
+
+    def pack(self, ids: np.ndarray, capacity: int | None = None) -> DeviceData:
+        """The rows of clients `ids` packed into a buffer of `capacity` rows, on device."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        capacity = self.capacity_for(len(ids)) if capacity is None else capacity
+        sizes = self._sizes[ids]
+        starts = np.zeros(len(ids), np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        total = int(sizes.sum())
+        if total > capacity:  # cannot happen for cohorts of at most window_clients clients
+            raise ValueError(f"{total} rows do not fit a buffer of {capacity}")
+        # Source row of each packed row: client j's rows shifted from its offset to its start.
+        source = np.repeat(self._offsets[ids] - starts, sizes) + np.arange(total)
+        feats = {}
+        for k, v in self.data.features.items():
+            buf = np.zeros((capacity, *v.shape[1:]), v.dtype)
+            np.take(v, source, axis=0, out=buf[:total])
+            feats[k] = jax.device_put(buf)
+        offsets = np.zeros(self.num_clients, np.int32)
+        offsets[ids] = starts
+        return DeviceData(feats, jax.device_put(offsets), self._device_sizes)
+
+    def clients(self, ids: np.ndarray) -> DeviceData:
+        """The rows of clients `ids` (e.g. a block of evaluation clients), on device."""
+        return self.pack(ids)
+
+    def _window(self, program, root, start: int, rounds: int) -> np.ndarray:
+        cohorts, live = jax.device_get(program.cohorts(root, start, rounds))
+        return np.asarray(cohorts)[np.asarray(live)]
+
+    def stream(self, run, program, window: int):
+        """Wraps a compiled `run(state, data, model_state, root, start, count)` (compiled
+        with `template()` as its data) into one that ignores its `data` argument and feeds
+        each call the rows its rounds sample, prefetching the next call's while it runs."""
+
+        def run_streamed(state, data, model_state, root, start, count):
+            del data
+            self.calls += 1
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] == start:
+                arrays = pending[1].result()
+                self.prefetched += 1
+            else:
+                arrays = self.pack(self._window(program, root, start, window), self.capacity)
+            # Draw the next window's cohorts now, while the device is idle, then pack and
+            # send its rows in the background while this call runs.
+            nxt = self._window(program, root, start + count, window)
+            self._pending = (start + count, self._pool.submit(self.pack, nxt, self.capacity))
+            return run(state, arrays, model_state, root, start, count)
+
+        return run_streamed
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True)
