@@ -37,3 +37,9 @@ def toy_clients(sizes, features=6, classes=3, seed=0):
     w = rng.normal(size=(features, classes))
     y = np.argmax(x @ w + 0.3 * rng.normal(size=(n, classes)), axis=1).astype(np.int32)
     return x, y, np.concatenate([[0], np.cumsum(sizes)])
+
+
+# Configs whose data must be downloaded or brought as files: they run end to end on
+# generated files and mocked TFDS in tests/test_data_configs.py instead.
+EXTERNAL_DATA_CONFIGS = {"cifar10_dirichlet.py", "emnist_tff.py", "femnist_leaf.py",
+                         "shakespeare_leaf.py"}

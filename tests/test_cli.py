@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import EXTERNAL_DATA_CONFIGS
+
 import fedjax_sim as fs
 from fedjax_sim.cli.main import main
 
@@ -76,7 +78,8 @@ QUICK_CONFIGS = {"digits_fedavg.py", "diabetes_fedsgd.py", "synthetic_fedavg.py"
 
 @pytest.mark.parametrize("config", [
     c if c in QUICK_CONFIGS else pytest.param(c, marks=pytest.mark.slow)
-    for c in sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py"))])
+    for c in sorted(f for f in os.listdir(CONFIGS)
+                    if f.endswith(".py") and f not in EXTERNAL_DATA_CONFIGS)])
 def test_every_shipped_config_builds_and_runs_two_rounds(config, capsys):
     code, out, err = _run(capsys, "train", "--config", f"{CONFIGS}/{config}", "--config.rounds=2",
                           "--config.eval_every=2", "--no-progress")

@@ -49,12 +49,32 @@ BAD = [
      "config.clients_per_round must be an integer >= 1, got 0"),
     ("digits_fedavg", {"eval_every": "None"}, "config.eval_every must be an integer >= 1, got None"),
     ("digits_fedavg", {"task": "ranking"},
-     "config.task='ranking' is not a known task; choose one of ['classification', 'regression']"),
+     "config.task='ranking' is not a known task; choose one of ['classification', 'regression', "
+     "'sequence']"),
+    # public and natural datasets
+    ("emnist_tff", {"data.dataset": "mnist"},
+     "config.data.dataset='mnist' is not a tff_h5 dataset; choose one of ['emnist', "
+     "'shakespeare', 'cifar100']"),
+    ("emnist_tff", {"data.train_path": "None"}, "config.data.train_path must be the path"),
+    ("shakespeare_leaf", {"data.seq_len": "0"}, "config.data.seq_len must be an integer >= 1"),
+    ("femnist_leaf", {"data.heldout_clients": "1.5"},
+     "config.data.heldout_clients must be None, a client count >= 1 or a fraction in (0, 1)"),
+    ("femnist_leaf", {"data.drop_empty": "'yes'"}, "config.data.drop_empty must be True or False"),
+    ("cifar10_dirichlet", {"data.name": "None"}, "config.data.name must be a TFDS dataset name"),
+    ("cifar10_dirichlet", {"data.download": "'no'"}, "config.data.download must be True or False"),
+    ("cifar10_dirichlet", {"preprocess.crop_padding": "-2"},
+     "config.preprocess: crop_padding must be an integer >= 0, got -2"),
+    ("cifar10_dirichlet", {"engine.data_placement": "'disk'"},
+     "config.engine.data_placement must be one of ['auto', 'device', 'host']"),
+    ("cifar10_dirichlet", {"engine.device_data_budget": "'lots'"},
+     "config.engine.device_data_budget must be a number of bytes"),
+    ("cifar10_dirichlet", {"engine.device_data_budget": "'2GiB'"}, None),
+    ("shakespeare_leaf", {"model.args.hidden": "0"}, "config.model.args.hidden must be"),
     # data
     ("digits_fedavg", {"data": "3"}, "config.data must be a section"),
     ("digits_fedavg", {"data.source": "imagenet"},
      "config.data.source='imagenet' is not a known dataset; choose one of "
-     "['digits', 'diabetes', 'synthetic']"),
+     "['digits', 'diabetes', 'synthetic', 'tfds', 'tff_h5', 'leaf']"),
     ("digits_fedavg", {"data.num_clients": "0"}, "config.data.num_clients must be an integer >= 1, got 0"),
     ("digits_fedavg", {"data.num_clients": "None"},
      "config.data.num_clients must be an integer >= 1, got None"),
@@ -99,7 +119,7 @@ BAD = [
     # model
     ("digits_fedavg", {"model.name": "resnet"},
      "config.model.name='resnet' is not a zoo model; choose one of "
-     "['cnn', 'logistic_regression', 'mlp']"),
+     "['char_lstm', 'char_transformer', 'cnn', 'logistic_regression', 'mlp']"),
     ("digits_fedavg", {"model.num_outputs": "0"},
      "config.model.num_outputs must be None (from the data) or an integer >= 1, got 0"),
     ("digits_fedavg", {"model.args": "{'hiden': [10]}"},
@@ -107,7 +127,8 @@ BAD = [
     ("digits_fedavg", {"model.args": "{'num_outputs': 10}"},
      "unknown argument 'num_outputs' for model 'mlp' (the simulator sets it)"),
     ("digits_fedavg", {"model.args.hidden": "[0]"},
-     "config.model.args.hidden must be a list of integers >= 1, got [0]"),
+     "config.model.args.hidden must be a list of layer sizes (mlp) or one size (char_lstm), each "
+     "an integer >= 1, got [0]"),
     ("digits_fedavg", {"model.args.hidden": "200"},
      "config.model.args.hidden must be a list of integers >= 1, got 200"),
     ("digits_fedavg", {"model.args": "{'dropout': 1.0}"},
@@ -199,7 +220,7 @@ BAD = [
      "known keys in config.checkpoint: every_rounds, every_seconds, max_to_keep"),
     ("digits_fedavg", {"engine": "{'unrol': 2}"},
      "unknown config key 'engine.unrol'; did you mean 'engine.unroll'? known keys in config.engine: "
-     "client_states, clients_per_chunk, rounds_per_call, unroll"),
+     "client_states, clients_per_chunk, data_placement, device_data_budget, rounds_per_call, unroll"),
     ("digits_fedavg", {"model": "{'name': 'mlp', 'arg': {}}"},
      "unknown config key 'model.arg'; did you mean 'model.args'?"),
     ("digits_fedavg", {"data": "{'source': 'digits', 'num_client': 10}"},

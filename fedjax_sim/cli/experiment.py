@@ -46,7 +46,8 @@ from fedjax_sim.models import get_model, get_task
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.cli.schema import (CHECKPOINT_DEFAULTS, build_algorithm, build_optimizer,
-                                   finetune_options, privacy_options, validate_config)
+                                   finetune_options, preprocess_options, privacy_options,
+                                   validate_config)
 
 __all__ = ["build", "build_data", "build_algorithm", "build_optimizer", "run"]
 
@@ -56,7 +57,9 @@ def _get(config, key, default=None):
 
 
 def build_data(cfg: ml_collections.ConfigDict, seed: int):
-    """Returns (train FederatedData, pooled test dict, per-client test FederatedData or None, info)."""
+    """Returns (train FederatedData, pooled test dict or None, per-client test FederatedData
+    or None, info). With `heldout_clients`, info['heldout'] holds the held-out clients
+    (their training split and test split, or their data alone)."""
     source = _get(cfg, "source")
     data_seed = _get(cfg, "seed", seed)
     info = {}
@@ -65,25 +68,74 @@ def build_data(cfg: ml_collections.ConfigDict, seed: int):
             _get(cfg, "alpha", 1.0), _get(cfg, "beta", 1.0),
             num_clients=_get(cfg, "num_clients", 30), seed=data_seed,
             iid=_get(cfg, "iid", False))
-        test = {k: v for k, v in client_test.features.items()}
-        return train, test, client_test, {}
-    if source == "digits":
-        train_arrays, test = fdata.load_digits(seed=data_seed)
-    elif source == "diabetes":
-        train_arrays, test, stats = fdata.load_diabetes(seed=data_seed)
-        info["target_stats"] = stats
-    else:  # validate_config names the known sources
-        raise UserError(f"config.data.source={source!r} is not a known dataset")
-    name = _get(cfg, "partition", "iid")
-    num_clients = _get(cfg, "num_clients")
-    args = dict(_get(cfg, "partition_args", {}) or {})
-    clients = fdata.partition(train_arrays, train_arrays["y"], name, num_clients,
-                              seed=data_seed, **args)
-    fraction = _get(cfg, "client_test_fraction", 0.0) or 0.0
-    client_test = None
-    if fraction:
-        clients, client_test = clients.split(fraction, seed=data_seed)
-    return clients, test, client_test, info
+        info = {}
+    elif source in ("tff_h5", "leaf"):
+        train, client_test, info = _load_files(cfg, source)
+    else:
+        if source == "digits":
+            train_arrays, test = fdata.load_digits(seed=data_seed)
+        elif source == "diabetes":
+            train_arrays, test, stats = fdata.load_diabetes(seed=data_seed)
+            info["target_stats"] = stats
+        elif source == "tfds":
+            train_arrays, test, info = fdata.load_tfds(
+                _get(cfg, "name"), data_dir=_get(cfg, "data_dir"),
+                download=_get(cfg, "download", True), label_key=_get(cfg, "label_key"))
+        else:  # validate_config names the known sources
+            raise UserError(f"config.data.source={source!r} is not a known dataset")
+        name = _get(cfg, "partition", "iid")
+        num_clients = _get(cfg, "num_clients")
+        args = dict(_get(cfg, "partition_args", {}) or {})
+        train = fdata.partition(train_arrays, train_arrays["y"], name, num_clients,
+                                seed=data_seed, **args)
+        fraction = _get(cfg, "client_test_fraction", 0.0) or 0.0
+        client_test = None
+        if fraction:
+            train, client_test = train.split(fraction, seed=data_seed)
+        heldout = _get(cfg, "heldout_clients")
+        if heldout is not None:
+            train, client_test, info["heldout"] = _hold_out(train, client_test, heldout, data_seed)
+        return train, test, client_test, info
+    heldout = _get(cfg, "heldout_clients")
+    if heldout is not None:
+        train, client_test, info["heldout"] = _hold_out(train, client_test, heldout, data_seed)
+    # Natural datasets: the pooled test set is every test client's examples.
+    test = None if client_test is None else dict(client_test.features)
+    return train, test, client_test, info
+
+
+def _load_files(cfg, source):
+    """(train, per-client test or None, info) of a TFF HDF5 or LEAF JSON dataset."""
+    dataset, train_path, test_path = _get(cfg, "dataset"), _get(cfg, "train_path"), _get(cfg, "test_path")
+    common = dict(drop_empty=_get(cfg, "drop_empty", False))
+    if dataset == "shakespeare":
+        common["seq_len"] = _get(cfg, "seq_len", 80)
+    if source == "tff_h5":
+        if dataset == "emnist":
+            common["only_digits"] = _get(cfg, "only_digits", False)
+            return fdata.tff_emnist(train_path, test_path, **common)
+        if dataset == "cifar100":
+            return fdata.tff_cifar100(train_path, test_path, label=_get(cfg, "label", "label"),
+                                      **common)
+        return fdata.tff_shakespeare(train_path, test_path, **common)
+    if dataset == "femnist":
+        return fdata.leaf_femnist(train_path, test_path, **common)
+    return fdata.leaf_shakespeare(train_path, test_path, **common)
+
+
+def _hold_out(train, client_test, heldout, seed):
+    """(kept training clients, their per-client test split, held-out clients): the held-out
+    part is (their training split, their test split) where the test split has them, else
+    their training data alone (evaluated with the global model)."""
+    kept, held = train.holdout(heldout, seed=seed)
+    if client_test is None:
+        return kept, None, held
+    index = {cid: i for i, cid in enumerate(client_test.client_ids)}
+    own = lambda ids: client_test.subset([index[c] for c in ids if c in index])
+    held_test = own(held.client_ids)
+    held_ids = set(held.client_ids)
+    kept_test = client_test.subset([i for c, i in index.items() if c not in held_ids])
+    return kept, kept_test, ((held, held_test) if held_test.num_clients else held)
 
 
 def build(config: ml_collections.ConfigDict) -> dict:
@@ -95,8 +147,10 @@ def build(config: ml_collections.ConfigDict) -> dict:
 
     task = get_task(_get(config, "task", "classification"))
     labels = train.features["y"]
-    if task.name == "classification":
-        num_outputs = int(max(labels.max(), test["y"].max())) + 1
+    if info.get("vocab_size") or info.get("num_classes"):  # loaders that know their classes
+        num_outputs = int(info.get("vocab_size") or info["num_classes"])
+    elif task.name in ("classification", "sequence"):
+        num_outputs = int(max(labels.max(), test["y"].max() if test else 0)) + 1
     else:
         num_outputs = int(np.prod(labels.shape[1:]))
     model_cfg = config.model
@@ -110,6 +164,7 @@ def build(config: ml_collections.ConfigDict) -> dict:
     privacy = privacy_options(config)  # ClientLevelDP / ExampleLevelDP, or None
     return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
                 privacy=privacy, eval_data=test, client_eval_data=client_test,
+                heldout_data=info.pop("heldout", None), preprocess=preprocess_options(config),
                 finetune=finetune_options(config),
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
                 eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),

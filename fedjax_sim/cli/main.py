@@ -142,20 +142,24 @@ def _data_describe(args, overrides) -> int:
     config = load_config(args.config, overrides)
     validate_config(config)
     seed = config["seed"] if "seed" in config else 0
-    train, test, client_test, _ = build_data(config.data, seed)
+    train, test, client_test, info = build_data(config.data, seed)
+    test = test or {}
 
-    label_key, num_classes = None, None
+    label_key, num_classes, ignore_label = None, None, None
     task = config["task"] if "task" in config else "classification"
     labels = train.features.get("y")
-    if task == "classification" and labels is not None and np.issubdtype(labels.dtype, np.integer):
+    if task == "sequence":  # next-token targets; padding is not a label
+        label_key, ignore_label = "y", info.get("pad_id", 0)
+        num_classes = info.get("vocab_size")
+    elif task == "classification" and labels is not None and np.issubdtype(labels.dtype, np.integer):
         # Count every class of the pooled test set too, so a class no client holds still
         # gets a (zero) column.
         label_key = "y"
         top = max([int(labels.max())] if labels.size else [0])
         if "y" in test and np.issubdtype(test["y"].dtype, np.integer) and test["y"].size:
             top = max(top, int(test["y"].max()))
-        num_classes = top + 1
-    stats = describe(train, label_key=label_key, num_classes=num_classes)
+        num_classes = max(top + 1, int(info.get("num_classes") or 0))
+    stats = describe(train, label_key=label_key, num_classes=num_classes, ignore_label=ignore_label)
     splits = {}
     if client_test is not None:
         splits["client_test"] = _size_summary(client_test.client_sizes)
@@ -168,7 +172,7 @@ def _data_describe(args, overrides) -> int:
         png = args.png or f"{stem}_clients.png"
         name = os.path.basename(args.config)
         plot_description(train, png, label_key=label_key, num_classes=num_classes,
-                         sort=args.sort, title=f"{name}: training clients", stats=stats)
+                         ignore_label=ignore_label, sort=args.sort, title=f"{name}: training clients", stats=stats)
 
     if args.json:
         print(json.dumps({"config": args.config, "train": to_jsonable(stats), **splits,

@@ -48,7 +48,7 @@ from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.simulation.evaluation import FineTune
 from fedjax_sim.simulation.loop import EngineOptions, resolve_engine
 
-__all__ = ["validate_config", "privacy_options", "build_algorithm", "build_optimizer",
+__all__ = ["validate_config", "privacy_options", "preprocess_options", "build_algorithm", "build_optimizer",
            "finetune_options", "ALGORITHM_RULES", "FINETUNE_KEYS", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS",
            "DATA_SOURCES", "DATA_KEYS", "ALGORITHMS", "WEIGHTINGS", "DENSE_IMPLS", "CONV_IMPLS",
            "ARG_RULES", "PRIVACY_LEVELS", "PRIVACY_LEVEL_KEYS", "PRIVACY_KEYS", "PRIVACY_UNSET",
@@ -58,16 +58,28 @@ __all__ = ["validate_config", "privacy_options", "build_algorithm", "build_optim
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
-                  "algorithm", "engine", "checkpoint", "privacy", "finetune")
-DATA_SOURCES = ("digits", "diabetes", "synthetic")
+                  "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess")
+DATA_SOURCES = ("digits", "diabetes", "synthetic", "tfds", "tff_h5", "leaf")
+# Sources whose clients are natural users read from files, with their own test splits.
+NATURAL_SOURCES = ("tff_h5", "leaf")
+# The datasets each file source knows (data.dataset), and what each reads.
+FILE_DATASETS = {"tff_h5": ("emnist", "shakespeare", "cifar100"),
+                 "leaf": ("femnist", "shakespeare")}
+_PARTITIONED = ("num_clients", "partition", "partition_args", "client_test_fraction")
 # The `data` keys each source reads (experiment.build_data).
 DATA_KEYS = {
-    "digits": ("source", "num_clients", "partition", "partition_args", "client_test_fraction",
-               "seed"),
-    "diabetes": ("source", "num_clients", "partition", "partition_args", "client_test_fraction",
-                 "seed"),
-    "synthetic": ("source", "num_clients", "alpha", "beta", "iid", "seed"),
+    "digits": ("source", *_PARTITIONED, "heldout_clients", "seed"),
+    "diabetes": ("source", *_PARTITIONED, "heldout_clients", "seed"),
+    "synthetic": ("source", "num_clients", "alpha", "beta", "iid", "heldout_clients", "seed"),
+    "tfds": ("source", "name", "data_dir", "download", "label_key", *_PARTITIONED,
+             "heldout_clients", "seed"),
+    "tff_h5": ("source", "dataset", "train_path", "test_path", "only_digits", "label", "seq_len",
+               "drop_empty", "heldout_clients", "seed"),
+    "leaf": ("source", "dataset", "train_path", "test_path", "seq_len", "drop_empty",
+             "heldout_clients", "seed"),
 }
+# config.preprocess: the fields of fedjax_sim.data.Preprocess (or None / 'auto').
+PREPROCESS_KEYS = ("scale", "mean", "std", "crop_padding", "flip")
 MODEL_KEYS = ("name", "num_outputs", "args")
 OPTIMIZER_KEYS = ("name", "learning_rate", "args")
 # Algorithm name -> its builder; the algorithm section's keys are `name` plus the builder's
@@ -139,7 +151,14 @@ ARG_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "sigma": _number_at_least(0),             # quantity_skew
     },
     "model": {
-        "hidden": _LAYER_SIZES,                   # mlp
+        "hidden": ((lambda v: _LAYER_SIZES[0](v) or (_is_int(v) and v >= 1)),
+                   "a list of layer sizes (mlp) or one size (char_lstm), each an integer >= 1"),
+        "embed_dim": _int_at_least(1),            # char_lstm
+        "num_layers": _int_at_least(1),           # char_lstm
+        "dim": _int_at_least(1),                  # char_transformer
+        "heads": _int_at_least(1),                # char_transformer
+        "layers": _int_at_least(1),               # char_transformer
+        "mlp_dim": _int_at_least(1),              # char_transformer
         "dropout": _FRACTION,                     # mlp
         "dense_impl": _one_of(DENSE_IMPLS),
         "conv_impl": _one_of(CONV_IMPLS),         # cnn
@@ -289,6 +308,7 @@ def _check_unknown_keys(config) -> None:
         "engine": [f.name for f in dataclasses.fields(EngineOptions)],
         "checkpoint": list(CHECKPOINT_DEFAULTS),
         "privacy": PRIVACY_KEYS,
+        "preprocess": PREPROCESS_KEYS,
     }
     for name, known in fixed_layout.items():
         section = _get(config, name)
@@ -318,8 +338,9 @@ def _check_top_level(config) -> None:
                         f"{sorted(tasks.TASKS)}")
 
 
-def _check_data(config) -> int:
-    """Checks config.data; returns the number of clients it makes."""
+def _check_data(config) -> int | None:
+    """Checks config.data; returns the number of clients it makes (None: known only once
+    the files are read)."""
     data = _section(config, "data", example=", e.g. data=dict(source='digits', num_clients=100, "
                                             "partition='iid')")
     source = _get(data, "source")
@@ -328,6 +349,26 @@ def _check_data(config) -> int:
                         f"{list(DATA_SOURCES)}")
     if _has(data, "seed"):
         _check(data["seed"], "data.seed", _int_at_least(0))
+    heldout = _get(data, "heldout_clients")
+    if heldout is not None and not ((_is_int(heldout) and heldout >= 1) or (
+            isinstance(heldout, float) and 0 < heldout < 1)):
+        raise UserError(f"config.data.heldout_clients must be None, a client count >= 1 or a "
+                        f"fraction in (0, 1), got {_show(heldout)}")
+    if source in NATURAL_SOURCES:
+        _check_file_source(data, source)
+        return None
+    if source == "tfds":
+        name = _get(data, "name")
+        if not isinstance(name, str) or not name:
+            raise UserError(f"config.data.name must be a TFDS dataset name such as 'cifar10' or "
+                            f"'emnist/balanced', got {_show(name)}")
+        for key in ("data_dir", "label_key"):
+            value = _get(data, key)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"config.data.{key} must be a string or None, got {_show(value)}")
+        if not isinstance(_get(data, "download", True), (bool, np.bool_)):
+            raise UserError(f"config.data.download must be True or False, got "
+                            f"{_show(_get(data, 'download'))}")
     if source == "synthetic":
         default_clients = inspect.signature(_synthetic).parameters["num_clients"].default
         num_clients = _get(data, "num_clients", default_clients)
@@ -362,6 +403,56 @@ def _check_data(config) -> int:
     return int(num_clients)
 
 
+def _check_file_source(data, source: str) -> None:
+    dataset = _get(data, "dataset")
+    if dataset not in FILE_DATASETS[source]:
+        raise UserError(f"config.data.dataset={_show(dataset)} is not a {source} dataset; choose "
+                        f"one of {list(FILE_DATASETS[source])}")
+    path = _get(data, "train_path")
+    if not isinstance(path, str) or not path:
+        raise UserError(f"config.data.train_path must be the path of the training file"
+                        f"{' or directory' if source == 'leaf' else ''}, got {_show(path)}")
+    test = _get(data, "test_path")
+    if test is not None and not isinstance(test, str):
+        raise UserError(f"config.data.test_path must be a path or None, got {_show(test)}")
+    if dataset == "shakespeare":
+        _positive_int(_get(data, "seq_len", 80), "data.seq_len")
+    for key in ("only_digits", "drop_empty"):
+        if not isinstance(_get(data, key, False), (bool, np.bool_)):
+            raise UserError(f"config.data.{key} must be True or False, got {_show(_get(data, key))}")
+    label = _get(data, "label", "label")
+    if label not in ("label", "coarse_label"):
+        raise UserError(f"config.data.label must be 'label' or 'coarse_label' (CIFAR-100's 100 "
+                        f"or 20 classes), got {_show(label)}")
+
+
+def _check_preprocess(config) -> None:
+    section = _get(config, "preprocess")
+    if section is None or section == "auto":
+        return
+    if not _is_section(section):
+        raise UserError(f"config.preprocess must be None, 'auto' or a dict of "
+                        f"{list(PREPROCESS_KEYS)}, got {_show(section)}")
+    try:
+        preprocess_options(config)
+    except UserError as e:
+        raise UserError(f"config.preprocess: {e}") from None
+
+
+def preprocess_options(config):
+    """config.preprocess as a `fedjax_sim.data.Preprocess`, 'auto', or None."""
+    from fedjax_sim.data.augment import Preprocess
+
+    section = _get(config, "preprocess", "auto")
+    if section is None or section == "auto":
+        return section
+    fields = _as_dict(section)
+    for key in ("mean", "std"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(float(v) for v in np.ravel(fields[key]))
+    return Preprocess(**fields)
+
+
 def _check_model(config) -> None:
     model = _section(config, "model", example=", e.g. model=dict(name='mlp', args={})")
     name = _get(model, "name")
@@ -375,6 +466,9 @@ def _check_model(config) -> None:
     args = _free_args(model, "args", "model")
     _check_args("model.args", args, zoo.ZOO[name], _MODEL_FIXED, f"model {name!r}",
                 ARG_RULES["model"])
+    if name == "mlp" and "hidden" in args and not _LAYER_SIZES[0](args["hidden"]):
+        raise UserError(f"config.model.args.hidden must be a list of integers >= 1, got "
+                        f"{_show(args['hidden'])}")
 
 
 def _optimizer_names() -> list[str]:
@@ -499,6 +593,11 @@ def _check_finetune(config) -> None:
     except UserError as e:
         raise UserError(f"config.finetune: {e}") from None
     data = config["data"]
+    if _get(data, "source") in NATURAL_SOURCES:
+        if not _get(data, "test_path") and not _get(data, "heldout_clients"):
+            raise UserError("config.finetune needs per-client test splits; set "
+                            "config.data.test_path to the dataset's test file")
+        return
     if _get(data, "source") != "synthetic" and not _get(data, "client_test_fraction"):
         raise UserError("config.finetune needs per-client test splits; set "
                         "config.data.client_test_fraction (e.g. 0.2)")
@@ -633,7 +732,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_unknown_keys(config)
         _check_top_level(config)
         num_clients = _check_data(config)
-        if config["clients_per_round"] > num_clients:
+        if num_clients is not None and config["clients_per_round"] > num_clients:
             raise UserError(f"config.clients_per_round={config['clients_per_round']} exceeds the "
                             f"{num_clients} clients of config.data.num_clients; lower "
                             f"clients_per_round or raise data.num_clients")
@@ -643,6 +742,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_checkpoint(config)
         _check_privacy(config)
         _check_finetune(config)
+        _check_preprocess(config)
     except UserError as e:
         message = str(e)
         if "\n" in message:  # keep the CLI's error to one line whatever a value looked like
