@@ -38,7 +38,8 @@ def _emnist_files(tmp_path, rng):
 def test_emnist_tff_config(tmp_path, capsys):
     train, test = _emnist_files(tmp_path, np.random.default_rng(0))
     summary = _train(capsys, "emnist_tff.py", tmp_path / "run", f"--config.data.train_path={train}",
-                     f"--config.data.test_path={test}", "--config.clients_per_round=3")
+                     f"--config.data.test_path={test}", "--config.clients_per_round=3",
+                     "--config.model.name=mlp")  # the CNN runs in the CIFAR-10 test
     final = summary["final"]
     assert summary["data"]["num_clients"] == 6 and summary["data"]["num_examples"] == 64
     assert 0 <= final["test_accuracy"] <= 1 and final["client_test_count"] == 6
@@ -60,7 +61,8 @@ def test_femnist_leaf_config_with_heldout_writers(tmp_path, capsys):
     train = _femnist_dir(tmp_path / "train", rng, users)
     test = _femnist_dir(tmp_path / "test", rng, [(u, 3) for u, _ in users])
     summary = _train(capsys, "femnist_leaf.py", tmp_path / "run", f"--config.data.train_path={train}",
-                     f"--config.data.test_path={test}", "--config.clients_per_round=3")
+                     f"--config.data.test_path={test}", "--config.clients_per_round=3",
+                     "--config.model.name=mlp")
     final = summary["final"]
     assert summary["data"]["num_clients"] == 9  # 10% of the 10 writers held out
     assert final["heldout_test_count"] == 1 and 0 <= final["heldout_test_accuracy_mean"] <= 1

@@ -141,6 +141,7 @@ def test_augmentation_is_per_client_and_per_step():
     assert sums(0, k1) != sums(0, k2)  # another client's key: other crops
 
 
+@pytest.mark.slow
 def test_simulate_with_augmentation_runs_and_learns():
     data = _images(n=360)
     train, test = data.split(0.25, seed=0)

@@ -49,6 +49,7 @@ def test_streamed_equals_on_device():
                                       np.asarray(streamed.client_metrics[name]["accuracy"]))
 
 
+@pytest.mark.slow
 def test_streamed_stateful_with_host_client_states():
     """Both the data and SCAFFOLD's control variates on host: still identical."""
     train, client_test = _data()

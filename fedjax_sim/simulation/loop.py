@@ -361,10 +361,10 @@ def simulate(
     if isinstance(preprocess, Preprocess):
         preprocess.check(tuple(train_data.features[input_key].shape[1:]))
     heldout = _heldout_parts(heldout_data, train_data)
-    if finetune is not None and client_eval_data is None:
+    if finetune is not None and client_eval_data is None and (heldout is None or heldout[0] is None):
         raise UserError("finetune= evaluates each client after fine-tuning on its own data; it "
                         "needs client_eval_data (per-client test splits, e.g. from "
-                        "clients.split(0.2, seed=0))")
+                        "clients.split(0.2, seed=0)) or heldout_data=(train split, test split)")
     if not algorithm.global_model and client_eval_data is None:
         warnings.warn(f"{type(algorithm).__name__} has no global model to test and no "
                       f"client_eval_data was given, so nothing will be evaluated; pass "
