@@ -609,7 +609,10 @@ def simulate(
         "resumed_from_round": start_round,
         "num_params": model.num_params(params),
         "engine": {**choice, "backend": backend, "local_steps": schedule.num_steps,
-                   "batch_size": schedule.batch_size, "data_placement": data_placement},
+                   "batch_size": schedule.batch_size, "data_placement": data_placement,
+                   **({"stream": {"rounds_per_call": per_call, "buffer_rows": streamer.capacity,
+                                  "calls": streamer.calls, "prefetched_calls": streamer.prefetched}}
+                      if streamer is not None else {})},
         "data": {"num_clients": train_data.num_clients, "num_examples": train_data.num_examples,
                  "max_client_size": train_data.max_client_size, **(metadata or {})},
     }
