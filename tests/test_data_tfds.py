@@ -243,10 +243,27 @@ def test_download_failure_names_dataset_and_data_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(
         tfds_lib.core.dataset_builder.DatasetBuilder, "download_and_prepare", offline)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    # As if TensorFlow (needed for the build) were installed: the download itself fails.
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "tensorflow" else real_find_spec(n, *a))
     data_dir = str(tmp_path / "dl")
     message = _one_line_error(load_tfds, "cifar10", data_dir=data_dir, download=True)
     assert "'cifar10'" in message and data_dir in message
     assert "ConnectionError: Network is unreachable" in message and "tfds build" in message
+
+
+def test_download_without_tensorflow_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "tensorflow" else real_find_spec(n, *a))
+    message = _one_line_error(load_tfds, "cifar10", data_dir=str(tmp_path / "dl"), download=True)
+    assert "needs TensorFlow" in message and "fedjax_sim[tfds-build]" in message
+    assert "tfds build cifar10" in message
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -189,6 +189,14 @@ def _prepare(builder: Any, name: str, download: bool) -> None:
             f"TFDS dataset {name!r} is not prepared under {root} (looked for "
             f"{builder.data_dir}); pass download=True to download it, or set data_dir to the "
             f"folder that holds it")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        # TFDS encodes the images of the one-time build with TensorFlow.
+        raise UserError(
+            f"downloading and preparing TFDS dataset {name!r} needs TensorFlow for the one-time "
+            f"build; install it with pip install \"fedjax_sim[tfds-build]\", or build it "
+            f"elsewhere with `tfds build {name} --file_format={_FILE_FORMAT}` and pass data_dir=")
     try:
         builder.download_and_prepare(file_format=_FILE_FORMAT)
     except Exception as e:  # noqa: BLE001 - any failure here means the build did not happen
