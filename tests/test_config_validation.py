@@ -119,7 +119,8 @@ BAD = [
     # model
     ("digits_fedavg", {"model.name": "resnet"},
      "config.model.name='resnet' is not a zoo model; choose one of "
-     "['char_lstm', 'char_transformer', 'cnn', 'logistic_regression', 'mlp']"),
+     "['char_lstm', 'char_transformer', 'cnn', 'logistic_regression', 'mlp', 'resnet18', "
+     "'resnet20', 'resnet34', 'resnet50']"),
     ("digits_fedavg", {"model.num_outputs": "0"},
      "config.model.num_outputs must be None (from the data) or an integer >= 1, got 0"),
     ("digits_fedavg", {"model.args": "{'hiden': [10]}"},

@@ -161,7 +161,11 @@ ARG_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "mlp_dim": _int_at_least(1),              # char_transformer
         "dropout": _FRACTION,                     # mlp
         "dense_impl": _one_of(DENSE_IMPLS),
-        "conv_impl": _one_of(CONV_IMPLS),         # cnn
+        "conv_impl": _one_of(CONV_IMPLS),         # cnn, resnets
+        "norm": _one_of(("batch", "group", "none")),   # resnets (models/resnet.py NORMS)
+        "stem": _one_of(("imagenet", "cifar")),        # resnets (models/resnet.py STEMS)
+        "width": _int_at_least(1),                # resnets: the first stage's channels
+        "groups": _int_at_least(1),               # resnets: GroupNorm groups (norm='group')
     },
 }
 _HEAD = ((lambda v: (isinstance(v, str) and v) or (isinstance(v, (list, tuple)) and v and all(

@@ -15,6 +15,8 @@
 - `char_transformer`: a small causal (decoder-only) transformer for the same task:
   learned token and position embeddings, pre-LayerNorm blocks of causal self-attention and
   a GELU MLP, a final LayerNorm and dense vocabulary logits.
+- `resnet18`, `resnet34`, `resnet50`, `resnet20`: ResNets in the torchvision layout
+  (BatchNorm, GroupNorm or no norm; ImageNet or CIFAR stem), see models/resnet.py.
 
 The sequence models take int token ids [batch, length] and output logits
 [batch, length, num_outputs]; position t sees tokens 0..t only, and the input vocabulary
@@ -38,6 +40,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model, from_nnx
 from fedjax_sim.models.conv import conv_function
 from fedjax_sim.models.dense import dense_function
+from fedjax_sim.models.resnet import resnet18, resnet20, resnet34, resnet50
 
 
 class LogisticRegression(nnx.Module):
@@ -282,7 +285,8 @@ def char_transformer(input_shape: Sequence[int], num_outputs: int, dim: int = 64
 
 
 ZOO = {"logistic_regression": logistic_regression, "mlp": mlp, "cnn": cnn,
-       "char_lstm": char_lstm, "char_transformer": char_transformer}
+       "char_lstm": char_lstm, "char_transformer": char_transformer,
+       "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet20": resnet20}
 
 
 def get_model(name: str, input_shape: Sequence[int], num_outputs: int, **kwargs) -> Model:
