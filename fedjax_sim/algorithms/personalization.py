@@ -28,6 +28,7 @@ from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, RoundS
                                         check_weighting, local_schedule)
 from fedjax_sim.algorithms.fedavg import ServerOptimizer, local_training, server_step
 from fedjax_sim.errors import UserError
+from fedjax_sim.trees import path_name
 
 PyTree = Any
 HeadSelector = str | Sequence[str] | Callable[[str], bool]
@@ -35,9 +36,7 @@ HeadSelector = str | Sequence[str] | Callable[[str], bool]
 
 def path_names(tree: PyTree) -> list[str]:
     """'a/b/c' names of the leaves of `tree`, in flattening order."""
-    from fedjax_sim.simulation.checkpoint import _path_name  # one naming rule for the project
-
-    return [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 class Split(NamedTuple):

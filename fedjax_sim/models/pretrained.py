@@ -63,6 +63,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.trees import path_name as _path_name
 
 PyTree = Any
 NameFn = Callable[[str, np.ndarray], "str | tuple[str, np.ndarray] | None"]
@@ -309,16 +310,6 @@ def _short(error: BaseException) -> str:
 
 
 # -- trees ----------------------------------------------------------------------------------
-def _path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
 
 
 def _flatten(tree: PyTree) -> list[tuple[str, Any]]:

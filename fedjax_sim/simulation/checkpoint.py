@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.trees import path_name as _path_name
 
 PyTree = Any
 FORMAT = "fedjax_sim.run_checkpoint"
@@ -97,16 +98,6 @@ def from_host(template: PyTree, host: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
 
 
 def tree_spec(host: PyTree) -> list[list]:
