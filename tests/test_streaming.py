@@ -21,7 +21,7 @@ def _run(train, client_test, placement, algo=None, finetune=True, **engine):
     model = fs.models.get_model("mlp", (8, 8, 1), 10, hidden=[16])
     algo = algo or fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10)
     return fs.simulate(
-        model, algo, train, rounds=7, clients_per_round=5, eval_every=3,
+        model, algo, train, rounds=5, clients_per_round=5, eval_every=3,
         client_eval_data=client_test if finetune else None,
         finetune=fs.FineTune(steps=2, batch_size=5) if finetune else None,
         engine=fs.EngineOptions(data_placement=placement, rounds_per_call=2, **engine),
