@@ -28,15 +28,10 @@ from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, RoundS
                                         check_weighting, local_schedule)
 from fedjax_sim.algorithms.fedavg import ServerOptimizer, local_training, server_step
 from fedjax_sim.errors import UserError
-from fedjax_sim.trees import path_name
+from fedjax_sim.trees import path_names, under
 
 PyTree = Any
 HeadSelector = str | Sequence[str] | Callable[[str], bool]
-
-
-def path_names(tree: PyTree) -> list[str]:
-    """'a/b/c' names of the leaves of `tree`, in flattening order."""
-    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 class Split(NamedTuple):
@@ -52,7 +47,7 @@ class Split(NamedTuple):
             mask = tuple(bool(head(n)) for n in names)
         else:
             prefixes = (head,) if isinstance(head, str) else tuple(head)
-            mask = tuple(any(n == p or n.startswith(p + "/") for p in prefixes) for n in names)
+            mask = tuple(any(under(n, p) for p in prefixes) for n in names)
         if not any(mask):
             raise UserError(f"the personal head {head!r} selects no parameter; the model's "
                             f"parameters are {names}")

@@ -115,7 +115,9 @@ class HostData:
         return DeviceData(feats, jnp.zeros(self.num_clients, jnp.int32), self._device_sizes)
 
     def pack(self, ids: np.ndarray, capacity: int | None = None) -> DeviceData:
-        """The rows of clients `ids` packed into a buffer of `capacity` rows, on device."""
+        """The rows of clients `ids` packed into a buffer of `capacity` rows (default: as
+        many as those clients hold), on device; e.g. a call's cohorts, or a block of
+        evaluation clients."""
         ids = np.unique(np.asarray(ids, np.int64))
         capacity = self.capacity_for(len(ids)) if capacity is None else capacity
         sizes = self._sizes[ids]
@@ -134,10 +136,6 @@ class HostData:
         offsets = np.zeros(self.num_clients, np.int32)
         offsets[ids] = starts
         return DeviceData(feats, jax.device_put(offsets), self._device_sizes)
-
-    def clients(self, ids: np.ndarray) -> DeviceData:
-        """The rows of clients `ids` (e.g. a block of evaluation clients), on device."""
-        return self.pack(ids)
 
     def _window(self, program, root, start: int, rounds: int) -> np.ndarray:
         cohorts, live = jax.device_get(program.cohorts(root, start, rounds))

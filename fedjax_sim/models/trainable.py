@@ -33,21 +33,12 @@ import numpy as np
 
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
-from fedjax_sim.trees import path_name
+from fedjax_sim.trees import path_keys, path_name, path_names, under
 
 PyTree = Any
 Selector = str | Sequence[str] | Callable[[str], bool]
 # The output layer of the zoo's models, in the order tried for 'head'.
 HEAD_NAMES = ("fc", "out")
-
-
-def _names(tree: PyTree) -> list[str]:
-    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _under(path: str, prefix: str) -> bool:
-    prefix = prefix.strip("/")
-    return path == prefix or path.startswith(prefix + "/")
 
 
 def selector(trainable: Selector, names: Sequence[str]) -> Callable[[str], bool]:
@@ -66,17 +57,17 @@ def selector(trainable: Selector, names: Sequence[str]) -> Callable[[str], bool]
     prefixes = []
     for part in parts:
         if part == "head":
-            head = next((h for h in HEAD_NAMES if any(_under(n, h) for n in names)), None)
+            head = next((h for h in HEAD_NAMES if any(under(n, h) for n in names)), None)
             if head is None:
                 raise UserError(f"trainable='head' found no output layer named {HEAD_NAMES} among "
                                 f"the model's parameters (e.g. {list(names[:4])}); name it "
                                 f"with a path prefix instead")
             part = head
-        if not any(_under(n, part) for n in names):
+        if not any(under(n, part) for n in names):
             raise UserError(f"trainable prefix {part!r} selects no parameter; the model's top-level "
                             f"names are {sorted({n.split('/')[0] for n in names})}")
         prefixes.append(part)
-    return lambda path: any(_under(path, p) for p in prefixes)
+    return lambda path: any(under(path, p) for p in prefixes)
 
 
 def split(tree: PyTree, keep: Callable[[str], bool]) -> tuple[dict, dict]:
@@ -84,7 +75,7 @@ def split(tree: PyTree, keep: Callable[[str], bool]) -> tuple[dict, dict]:
     whose path `keep` accepts, and the others, each in the original nesting."""
     chosen, rest = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+        keys = path_keys(path)
         node = chosen if keep(path_name(path)) else rest
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -123,7 +114,7 @@ def with_trainable(model: Model, trainable: Selector = "all", *, params: PyTree 
         p0, s0 = jax.eval_shape(model.init, jax.random.key(0))
         params = p0 if params is None else params
         state = s0 if state is None else state
-    keep = selector(trainable, _names(params))
+    keep = selector(trainable, path_names(params))
     given_params, given_state = params, state
     pretrained = not any(isinstance(x, jax.ShapeDtypeStruct) for x in
                          jax.tree_util.tree_leaves((given_params, given_state)))

@@ -235,15 +235,15 @@ class ClientEvaluator:
         host-kept client states and, with streamed training data, their training rows."""
         parts = []
         block = min(self.block, self.num_clients)
+        on_host = _on_host(client_states)
         for lo in range(0, self.num_clients, block):
             ids = np.arange(lo, lo + block, dtype=np.int32) % self.num_clients
             rows = self.train_rows[ids]
             states = None
             if self.personalized:
                 states = jax.tree_util.tree_map(
-                    lambda t: jnp.asarray(np.asarray(t)[rows]) if _on_host(client_states)
-                    else t[rows], client_states)
-            arrays = (self._train_stream.clients(rows) if self._train_stream is not None
+                    lambda t: jnp.asarray(t[rows]) if on_host else t[rows], client_states)
+            arrays = (self._train_stream.pack(rows) if self._train_stream is not None
                       else self._train_arrays)
             parts.append(jax.device_get(self._evaluate(params, model_state, ids, rows, states,
                                                        arrays)))
