@@ -1,14 +1,17 @@
 """How the project names a leaf of a pytree: its path, '/'-joined ('hidden/0/kernel').
 
 One rule for every place that shows or matches leaves by name: exported parameters,
-checkpoint specs, personal heads, trainable selections and pretrained weights.
+checkpoint specs, personal heads, trainable selections, pretrained weights and
+normalisation statistics.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
+
+PyTree = Any
 
 
 def path_keys(path) -> list:
@@ -39,3 +42,24 @@ def under(name: str, prefix: str) -> bool:
     not 'outer/kernel')."""
     prefix = prefix.strip("/")
     return name == prefix or name.startswith(prefix + "/")
+
+
+def split(tree: PyTree, keep: Callable[[str], bool]) -> tuple[dict, dict]:
+    """(selected, rest): two nested dicts holding the leaves of `tree` (a nested dict)
+    whose path `keep` accepts, and the others, each in the original nesting."""
+    chosen, rest = {}, {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = path_keys(path)
+        node = chosen if keep(path_name(path)) else rest
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    return chosen, rest
+
+
+def merge(a: dict, b: dict) -> dict:
+    """The union of two nested dicts; where both hold a leaf at the same path, `b`'s."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

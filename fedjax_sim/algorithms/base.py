@@ -28,6 +28,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
+from fedjax_sim.trees import merge, split
 
 PyTree = Any
 
@@ -60,11 +61,33 @@ class RoundSums(NamedTuple):
     population: int
 
 
+class StatsCell:
+    """The running statistics (BatchNorm's mean and variance) of the client being traced.
+
+    Where clients update statistics (`simulate(batch_norm='averaged' | 'local')`), the
+    engine gives each client a cell holding its starting statistics: `Problem.loss` reads
+    them and reports the updated ones, and `LocalData.run` carries them from step to step
+    and leaves the client's last statistics in the cell, whichever algorithm runs the steps
+    (several `local.run` calls continue from one another). A cell lives only while one
+    client's update is traced.
+    """
+
+    def __init__(self, value: PyTree):
+        self.value = value
+
+
+# The key under which `Problem.loss` reports updated statistics in its metric sums (taken
+# out again by `LocalData.run`).
+STATS_KEY = "_stats"
+
+
 class Problem(NamedTuple):
     """The model and task bound together as a masked loss over a batch.
 
     With `example_noise` set, `gradient` is DP-SGD's clipped and noised gradient
-    (privacy.dp_sgd); the engine sets `num_examples` to the client's dataset size.
+    (privacy.dp_sgd); the engine sets `num_examples` to the client's dataset size. With
+    `stats` (a StatsCell) the model's running statistics are the cell's, and the loss
+    reports their training-mode update (see StatsCell).
     """
 
     model: Model
@@ -73,15 +96,22 @@ class Problem(NamedTuple):
     input_key: str
     example_noise: ExampleNoise | None = None
     num_examples: jax.Array | None = None
+    stats: StatsCell | None = None
 
     def loss(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):
         """Mean per-example loss over the real examples of `batch`, and metric sums.
 
         Returns (loss, {"loss": sum, "count": n_real, <metric>: sum, ...}).
         """
-        outputs, _ = self.model.apply(params, self.model_state, batch[self.input_key],
-                                      train=True, rng=rng)
+        state = self.model_state
+        if self.stats is not None:
+            state = merge(state, self.stats.value)
+        outputs, new_state = self.model.apply(params, state, batch[self.input_key],
+                                              train=True, rng=rng)
         sums = self.task.masked_sums(outputs, batch[self.task.label_key], mask)
+        if self.stats is not None:
+            names = set(self.model.stats)
+            sums[STATS_KEY] = split(new_state, lambda n: n in names)[0]
         return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
     def gradient(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):
@@ -156,6 +186,12 @@ class Algorithm:
         algorithms); by default the global model."""
         del client_state
         return params
+
+    def personal_model_state(self, model_state: PyTree, client_state: PyTree) -> PyTree:
+        """The model state a client's own model runs with (its own BatchNorm statistics
+        under FedBN); by default the global one."""
+        del client_state
+        return model_state
 
     def client_weight(self, num_examples: jax.Array) -> jax.Array:
         if self.weighting == "num_examples":

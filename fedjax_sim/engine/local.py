@@ -13,6 +13,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.algorithms.base import STATS_KEY
+
 PyTree = Any
 # step(carry, batch, example_mask [B], rng) -> (carry, metric_sums: dict of scalars)
 StepFn = Callable[[PyTree, dict, jax.Array, jax.Array], tuple[PyTree, dict]]
@@ -33,9 +35,13 @@ class LocalData:
 
     def __init__(self, data: dict, offset: jax.Array, idx: jax.Array, mask: jax.Array,
                  num_examples: jax.Array, client_id: jax.Array, unroll: int | bool,
-                 live: jax.Array | None = None, preprocess: PreprocessFn | None = None):
+                 live: jax.Array | None = None, preprocess: PreprocessFn | None = None,
+                 stats=None):
         self._data, self._offset, self._idx, self._mask = data, offset, idx, mask
         self._preprocess = preprocess
+        # The client's running statistics (algorithms.base.StatsCell), carried through
+        # the steps where clients update them; None where they are fixed.
+        self._stats = stats
         # Which steps run: by default those whose batch holds a real example; Poisson
         # (DP-SGD) schedules run every step of a non-empty client.
         self._live = jnp.any(mask, axis=1) if live is None else live
@@ -56,7 +62,24 @@ class LocalData:
 
         A step that does not run (by default: whose batch holds no real example) leaves the
         carry exactly unchanged and adds nothing to the metrics.
+
+        Where the client updates running statistics (a stats cell), they are carried too:
+        each step's loss sees the statistics the previous step left, and the cell ends
+        holding the last ones.
         """
+        cell = self._stats
+        if cell is not None:
+            inner_step = step
+
+            def step(carry, batch, mask, key):
+                carry, stats = carry
+                cell.value = stats
+                new_carry, metrics = inner_step(carry, batch, mask, key)
+                metrics = dict(metrics)
+                stats = metrics.pop(STATS_KEY, stats)
+                return (new_carry, stats), metrics
+
+            carry = (carry, cell.value)
 
         def batch_of(s, step_key):
             # Padded slots read the client's first row, so a batch never touches another
@@ -84,4 +107,6 @@ class LocalData:
         steps = jnp.arange(self.num_steps)
         unroll = True if (self._unroll is True or self._unroll >= self.num_steps) else int(self._unroll)
         (carry, sums), _ = jax.lax.scan(body, (carry, sums0), steps, unroll=unroll)
+        if cell is not None:
+            carry, cell.value = carry
         return carry, sums

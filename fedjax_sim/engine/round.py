@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.aggregators import AggregatorPart, divide
-from fedjax_sim.algorithms.base import Algorithm, Problem, RoundSums
+from fedjax_sim.algorithms.base import Algorithm, Problem, RoundSums, StatsCell
 from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.local import LocalData
+from fedjax_sim.trees import merge
 
 PyTree = Any
 
@@ -57,11 +58,13 @@ class SimState(NamedTuple):
     """server: the algorithm's server state; aggregator: the aggregator's state; clients:
     per-client state of a stateful algorithm, every leaf with a leading axis over the
     population ([C, ...]), or over a table of rows (see `RoundProgram.compile`); None for a
-    stateless algorithm."""
+    stateless algorithm. stats: the global model's running statistics (BatchNorm) where
+    clients update them, else None."""
 
     server: PyTree
     aggregator: PyTree
     clients: PyTree = None
+    stats: PyTree = None
 
 
 class DeviceData(NamedTuple):
@@ -156,9 +159,22 @@ class RoundProgram:
     def __init__(self, algorithm: Algorithm, problem: Problem, aggregator: AggregatorPart,
                  schedule: Schedule, *, num_clients: int, max_client_size: int,
                  clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool,
-                 sampling: ClientSampling | None = None, preprocess=None):
+                 sampling: ClientSampling | None = None, preprocess=None,
+                 stats_mode: str | None = None):
         """`preprocess(batch, rng, train)` (data.augment.Preprocess) converts and augments
-        each local batch on device; None feeds the stored features as they are."""
+        each local batch on device; None feeds the stored features as they are.
+
+        `stats_mode`: how clients' running statistics (the model's `stats`) evolve. None:
+        they are fixed (part of the model state every client receives). 'averaged': every
+        client starts from `SimState.stats` and updates them in its training steps; the
+        new global statistics are their mean over the round's clients with the clients'
+        aggregation weights. 'local': as 'averaged', but every client starts from and keeps
+        its own (the algorithm, algorithms.LocalStatistics, holds them per client);
+        `SimState.stats` stays as it is.
+        """
+        if stats_mode not in (None, "averaged", "local"):
+            raise ValueError(f"stats_mode must be None, 'averaged' or 'local', got {stats_mode!r}")
+        self.stats_mode = stats_mode
         self.algorithm, self.problem, self.aggregator = algorithm, problem, aggregator
         self.preprocess = preprocess
         self.schedule = schedule
@@ -169,11 +185,14 @@ class RoundProgram:
         self._jit = jax.jit(self._run_rounds, static_argnames=("max_rounds",),
                             donate_argnames=("state",))
 
-    def init(self, params: PyTree, client_states: str = "device") -> SimState:
+    def init(self, params: PyTree, client_states: str = "device", stats: PyTree = None) -> SimState:
         """The initial state; a stateful algorithm's client states are C copies of
-        `client_state_init(params)`, as device arrays or (client_states='host') numpy."""
+        `client_state_init(params)`, as device arrays or (client_states='host') numpy.
+        `stats`: the model's initial running statistics (kept where clients update them)."""
         return SimState(self.algorithm.server_init(params), self.aggregator.init(params),
-                        self.initial_client_states(params, host=client_states == "host"))
+                        self.initial_client_states(params, host=client_states == "host"),
+                        jax.tree_util.tree_map(jnp.array, stats)
+                        if self.stats_mode is not None else None)
 
     def initial_client_states(self, params: PyTree, host: bool = False) -> PyTree:
         one = self.algorithm.client_state_init(params)
@@ -291,6 +310,9 @@ class RoundProgram:
     def _round(self, state: SimState, data: DeviceData, model_state, drawn: "RoundDraws",
                rows: jax.Array | None = None):
         algorithm, aggregator = self.algorithm, self.aggregator
+        averaged = self.stats_mode == "averaged"
+        if self.stats_mode is not None:
+            model_state = merge(model_state, state.stats)
         problem = self.problem._replace(model_state=model_state)
         cohort = drawn.cohort
         broadcast = algorithm.broadcast(state.server)
@@ -305,15 +327,20 @@ class RoundProgram:
             idx, mask = client_batches(self.schedule, bits, n, self.max_client_size)
             steps_live = (jnp.broadcast_to(n > 0, (self.schedule.num_steps,))
                           if self.schedule.sampling_rate is not None else None)
+            cell = StatsCell(state.stats) if self.stats_mode is not None else None
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
-                              live=steps_live, preprocess=self._train_preprocess)
+                              live=steps_live, preprocess=self._train_preprocess, stats=cell)
             # The client's state row is gathered here, inside the map, so only a chunk's
             # rows are materialised at a time.
             own = (None if table is None else
                    jax.tree_util.tree_map(lambda t: t[row_of(cid)], table))
-            out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local,
-                                          k_train, client_state=own)
+            out = algorithm.client_update(problem._replace(num_examples=n, stats=cell), broadcast,
+                                          local, k_train, client_state=own)
             delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
+            if averaged:
+                # The client's statistics are averaged with the same weights as its update
+                # (they bypass the aggregator: no clipping, noise or compression).
+                delta = (delta, cell.value)
             # A padding slot (Poisson sampling) weighs nothing and reports nothing.
             weight = jnp.where(live, algorithm.client_weight(n), 0.0)
             keep = lambda tree: jax.tree_util.tree_map(lambda v: jnp.where(live, v, 0), tree)
@@ -328,6 +355,12 @@ class RoundProgram:
         else:
             total, denominator, (train_sums, client_reports, new_rows, extras) = map_clients(
                 client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
+        new_stats = state.stats
+        if averaged:
+            total, stats_total = total
+            new_stats = jax.tree_util.tree_map(
+                lambda t, old: jnp.where(denominator > 0, t / jnp.maximum(denominator, 1e-30),
+                                         old).astype(old.dtype), stats_total, state.stats)
         num_live = jnp.sum(drawn.live.astype(jnp.float32))
         reports = {k: jnp.sum(v) for k, v in client_reports.items()}
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
@@ -359,4 +392,4 @@ class RoundProgram:
                   if jnp.issubdtype(x.dtype, jnp.inexact)]
         metrics["_params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) \
             if leaves else jnp.bool_(True)
-        return SimState(server, agg_state, table), metrics
+        return SimState(server, agg_state, table, new_stats), metrics

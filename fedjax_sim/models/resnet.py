@@ -49,6 +49,7 @@ torchvision's module names. With `/`-joined paths of the pure-dict pytrees:
     layer<s>/<b>/downsample/0/kernel   the projection's 1x1 conv (only where there is one)
     layer<s>/<b>/downsample/1/...      the projection's norm
     fc/kernel [in, num_outputs], fc/bias
+    fc_hidden/{kernel, bias}     only with head_hidden > 0 (then fc/kernel is [head_hidden, ...])
 
 A norm's leaves are `scale` and `bias` (params), plus `mean` and `var` (state) for
 BatchNorm; with norm='none' the `bn*` (and `downsample/1`) modules exist but hold no
@@ -203,12 +204,17 @@ class ResNet(nnx.Module):
       stem: 'imagenet' or 'cifar'.
       norm, groups: 'batch' | 'group' | 'none', and the GroupNorm groups.
       conv_impl, dense_impl: kernels of the convolutions and of `fc`.
+      head_hidden: if > 0, the head is a dense layer `fc_hidden` of this many units with a
+        ReLU, then `fc` (a new head on a pretrained backbone); 0: `fc` alone.
+
+    `features(x)` is everything before the head (the pooled [B, C] features) and
+    `head(features)` the head, so `__call__(x) = head(features(x))`.
     """
 
     def __init__(self, in_channels: int, block: type, stage_sizes: Sequence[int],
                  num_outputs: int, *, width: int = 64, stem: str = "imagenet",
                  norm: str = "batch", groups: int = 2, conv_impl: str = "auto",
-                 dense_impl: str = "auto", rngs: nnx.Rngs):
+                 dense_impl: str = "auto", head_hidden: int = 0, rngs: nnx.Rngs):
         layers = _Layers(conv_function(conv_impl), norm, groups, rngs)
         if stem == "imagenet":
             self.conv1 = layers.conv(in_channels, width, 7, 2)
@@ -225,18 +231,33 @@ class ResNet(nnx.Module):
                 blocks.append(block(cin, planes, 2 if (s > 0 and b == 0) else 1, layers))
                 cin = planes * block.expansion
             setattr(self, f"layer{s + 1}", nnx.List(blocks))
+        self.head_names = ("fc",)
+        if head_hidden:
+            self.fc_hidden = nnx.Linear(cin, head_hidden, kernel_init=_FC_KERNEL_INIT,
+                                        bias_init=_fc_bias_init(cin),
+                                        dot_general=dense_function(dense_impl), rngs=rngs)
+            self.head_names = ("fc_hidden", "fc")
+            cin = head_hidden
         self.fc = nnx.Linear(cin, num_outputs, kernel_init=_FC_KERNEL_INIT,
                              bias_init=_fc_bias_init(cin),
                              dot_general=dense_function(dense_impl), rngs=rngs)
 
-    def __call__(self, x):
+    def features(self, x):
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.use_max_pool:
             x = _max_pool_3x3_s2(x)
         for s in range(1, self.num_stages + 1):
             for block in getattr(self, f"layer{s}"):
                 x = block(x)
-        return self.fc(jnp.mean(x, axis=(1, 2)))
+        return jnp.mean(x, axis=(1, 2))
+
+    def head(self, features):
+        if len(self.head_names) > 1:
+            features = jax.nn.relu(self.fc_hidden(features))
+        return self.fc(features)
+
+    def __call__(self, x):
+        return self.head(self.features(x))
 
 
 def _is_int(v) -> bool:
@@ -245,7 +266,7 @@ def _is_int(v) -> bool:
 
 def _build(arch: str, block: type, stage_sizes: Sequence[int], input_shape: Sequence[int],
            num_outputs: int, *, norm: str, stem: str, width: int, groups: int,
-           conv_impl: str, dense_impl: str) -> Model:
+           conv_impl: str, dense_impl: str, head_hidden: int = 0) -> Model:
     """Checks the arguments (UserError naming the config key) and wraps the module."""
     if len(input_shape) != 3 or not all(_is_int(d) and d >= 1 for d in input_shape):
         raise UserError(f"{arch} needs image inputs [height, width, channels], got "
@@ -260,6 +281,9 @@ def _build(arch: str, block: type, stage_sizes: Sequence[int], input_shape: Sequ
         if not (_is_int(value) and value >= 1):
             raise UserError(f"{arch} needs {name} to be an integer >= 1, got {value!r} "
                             f"(config: model.args.{name})")
+    if not (_is_int(head_hidden) and head_hidden >= 0):
+        raise UserError(f"{arch} needs head_hidden to be an integer >= 0 (0: no hidden layer), "
+                        f"got {head_hidden!r} (config: model.args.head_hidden)")
     if norm == "group" and width % groups:
         raise UserError(f"{arch} with norm='group' needs width divisible by groups (every "
                         f"layer's channels are a multiple of width), got width={width}, "
@@ -267,55 +291,59 @@ def _build(arch: str, block: type, stage_sizes: Sequence[int], input_shape: Sequ
     conv_function(conv_impl)  # validate now, not inside the module factory
     dense_function(dense_impl)
     width, groups, num_outputs = int(width), int(groups), int(num_outputs)
+    head_hidden = int(head_hidden)
     in_channels = int(input_shape[2])
+    hidden = f", hidden head {head_hidden}" if head_hidden else ""
     return from_nnx(lambda rngs: ResNet(in_channels, block, stage_sizes, num_outputs,
                                         width=width, stem=stem, norm=norm, groups=groups,
                                         conv_impl=conv_impl, dense_impl=dense_impl,
-                                        rngs=rngs),
+                                        head_hidden=head_hidden, rngs=rngs),
                     tuple(int(d) for d in input_shape),
-                    name=f"{arch}[{stem} stem, {norm} norm, width {width}]")
+                    name=f"{arch}[{stem} stem, {norm} norm, width {width}{hidden}]",
+                    head=("fc_hidden", "fc") if head_hidden else ("fc",))
 
 
 def resnet18(input_shape: Sequence[int], num_outputs: int, norm: str = "batch",
              stem: str = "imagenet", width: int = 64, groups: int = 2,
-             conv_impl: str = "auto", dense_impl: str = "auto") -> Model:
+             conv_impl: str = "auto", dense_impl: str = "auto", head_hidden: int = 0) -> Model:
     """ResNet-18: BasicBlocks [2, 2, 2, 2] (11,689,512 parameters at width 64, 1000 classes).
 
     `norm` 'batch' | 'group' (`groups` groups) | 'none'; `stem` 'imagenet' | 'cifar' (3x3
-    stride-1 stem, no max-pool, for 32x32 inputs); `width` the first stage's planes.
+    stride-1 stem, no max-pool, for 32x32 inputs); `width` the first stage's planes;
+    `head_hidden` > 0 puts a ReLU dense layer `fc_hidden` of that width before `fc`.
     """
     return _build("resnet18", BasicBlock, (2, 2, 2, 2), input_shape, num_outputs, norm=norm,
                   stem=stem, width=width, groups=groups, conv_impl=conv_impl,
-                  dense_impl=dense_impl)
+                  dense_impl=dense_impl, head_hidden=head_hidden)
 
 
 def resnet34(input_shape: Sequence[int], num_outputs: int, norm: str = "batch",
              stem: str = "imagenet", width: int = 64, groups: int = 2,
-             conv_impl: str = "auto", dense_impl: str = "auto") -> Model:
+             conv_impl: str = "auto", dense_impl: str = "auto", head_hidden: int = 0) -> Model:
     """ResNet-34: BasicBlocks [3, 4, 6, 3] (21,797,672 parameters at width 64, 1000 classes).
     Arguments as `resnet18`."""
     return _build("resnet34", BasicBlock, (3, 4, 6, 3), input_shape, num_outputs, norm=norm,
                   stem=stem, width=width, groups=groups, conv_impl=conv_impl,
-                  dense_impl=dense_impl)
+                  dense_impl=dense_impl, head_hidden=head_hidden)
 
 
 def resnet50(input_shape: Sequence[int], num_outputs: int, norm: str = "batch",
              stem: str = "imagenet", width: int = 64, groups: int = 2,
-             conv_impl: str = "auto", dense_impl: str = "auto") -> Model:
+             conv_impl: str = "auto", dense_impl: str = "auto", head_hidden: int = 0) -> Model:
     """ResNet-50 v1.5: Bottlenecks [3, 4, 6, 3], expansion 4, stride on the 3x3 conv
     (25,557,032 parameters at width 64, 1000 classes). Arguments as `resnet18`."""
     return _build("resnet50", Bottleneck, (3, 4, 6, 3), input_shape, num_outputs, norm=norm,
                   stem=stem, width=width, groups=groups, conv_impl=conv_impl,
-                  dense_impl=dense_impl)
+                  dense_impl=dense_impl, head_hidden=head_hidden)
 
 
 def resnet20(input_shape: Sequence[int], num_outputs: int, norm: str = "batch",
              width: int = 16, groups: int = 2, conv_impl: str = "auto",
-             dense_impl: str = "auto") -> Model:
+             dense_impl: str = "auto", head_hidden: int = 0) -> Model:
     """The CIFAR ResNet-20 of He et al. 2016: 3x3 stem, three stages of 3 BasicBlocks of
     widths 16/32/64 (`width` scales them), projection shortcuts (272,474 parameters for 10
     classes; 269,722 with the paper's parameter-free option A). Arguments as `resnet18`,
     without `stem` (always 'cifar')."""
     return _build("resnet20", BasicBlock, (3, 3, 3), input_shape, num_outputs, norm=norm,
                   stem="cifar", width=width, groups=groups, conv_impl=conv_impl,
-                  dense_impl=dense_impl)
+                  dense_impl=dense_impl, head_hidden=head_hidden)

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.errors import UserError
-from fedjax_sim.models.adapter import Model
-from fedjax_sim.trees import path_keys, path_name, path_names, under
+from fedjax_sim.models.adapter import HeadSplit, Model
+from fedjax_sim.trees import merge, path_names, split, under
 
 PyTree = Any
 Selector = str | Sequence[str] | Callable[[str], bool]
@@ -41,8 +41,10 @@ Selector = str | Sequence[str] | Callable[[str], bool]
 HEAD_NAMES = ("fc", "out")
 
 
-def selector(trainable: Selector, names: Sequence[str]) -> Callable[[str], bool]:
-    """The path predicate `trainable` means for a model whose params are named `names`."""
+def selector(trainable: Selector, names: Sequence[str],
+             head: Sequence[str] | None = None) -> Callable[[str], bool]:
+    """The path predicate `trainable` means for a model whose params are named `names`;
+    'head' means the prefixes `head` (the model's `head_split.names`) where given."""
     if callable(trainable):
         return trainable
     if isinstance(trainable, str):
@@ -57,38 +59,20 @@ def selector(trainable: Selector, names: Sequence[str]) -> Callable[[str], bool]
     prefixes = []
     for part in parts:
         if part == "head":
-            head = next((h for h in HEAD_NAMES if any(under(n, h) for n in names)), None)
-            if head is None:
+            if head is not None:
+                prefixes.extend(head)
+                continue
+            found = next((h for h in HEAD_NAMES if any(under(n, h) for n in names)), None)
+            if found is None:
                 raise UserError(f"trainable='head' found no output layer named {HEAD_NAMES} among "
                                 f"the model's parameters (e.g. {list(names[:4])}); name it "
                                 f"with a path prefix instead")
-            part = head
+            part = found
         if not any(under(n, part) for n in names):
             raise UserError(f"trainable prefix {part!r} selects no parameter; the model's top-level "
                             f"names are {sorted({n.split('/')[0] for n in names})}")
         prefixes.append(part)
     return lambda path: any(under(path, p) for p in prefixes)
-
-
-def split(tree: PyTree, keep: Callable[[str], bool]) -> tuple[dict, dict]:
-    """(selected, rest): two nested dicts holding the leaves of `tree` (a nested dict)
-    whose path `keep` accepts, and the others, each in the original nesting."""
-    chosen, rest = {}, {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = path_keys(path)
-        node = chosen if keep(path_name(path)) else rest
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = leaf
-    return chosen, rest
-
-
-def merge(a: dict, b: dict) -> dict:
-    """The union of two nested dicts with disjoint leaves."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +98,17 @@ def with_trainable(model: Model, trainable: Selector = "all", *, params: PyTree 
         p0, s0 = jax.eval_shape(model.init, jax.random.key(0))
         params = p0 if params is None else params
         state = s0 if state is None else state
-    keep = selector(trainable, path_names(params))
+    keep = selector(trainable, path_names(params),
+                    model.head_split.names if model.head_split is not None else None)
     given_params, given_state = params, state
     pretrained = not any(isinstance(x, jax.ShapeDtypeStruct) for x in
                          jax.tree_util.tree_leaves((given_params, given_state)))
 
+    return _frozen_model(model, trainable, keep, given_params, given_state, pretrained)
+
+
+def _frozen_model(model: Model, trainable: Selector, keep, given_params, given_state,
+                  pretrained: bool) -> Model:
     def init(rng):
         if pretrained:
             # Copies: the engine donates its state, which must not delete the caller's arrays.
@@ -133,8 +123,27 @@ def with_trainable(model: Model, trainable: Selector = "all", *, params: PyTree 
         out, new_model_state = model.apply(full, state["model"], x, train=train, rng=rng)
         return out, {"frozen": state["frozen"], "model": new_model_state}
 
+    freeze_stats = None
+    if model.freeze_stats is not None:
+        freeze_stats = lambda: _frozen_model(model.freeze_stats(), trainable, keep, given_params,
+                                             given_state, pretrained)
+    head_split = None
+    if model.head_split is not None:
+        inner = model.head_split
+
+        def features(params, state, x):
+            return inner.features(merge(params, state["frozen"]), state["model"], x)
+
+        def apply_head(params, state, f, *, train=False, rng=None):
+            out, new_model_state = inner.apply_head(merge(params, state["frozen"]), state["model"],
+                                                    f, train=train, rng=rng)
+            return out, {"frozen": state["frozen"], "model": new_model_state}
+
+        head_split = HeadSplit(inner.names, features, apply_head, inner.fixed)
     name = model.name if trainable == "all" else f"{model.name}[trainable={trainable}]"
-    return Model(init=init, apply=apply, input_shape=model.input_shape, name=name)
+    return Model(init=init, apply=apply, input_shape=model.input_shape, name=name,
+                 stats=tuple(f"model/{n}" for n in model.stats), freeze_stats=freeze_stats,
+                 head_split=head_split)
 
 
 def count_parameters(model: Model, params: PyTree = None, state: PyTree = None) -> ParameterCount:

@@ -63,11 +63,17 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.out = nnx.Linear(sizes[-1], num_outputs, dot_general=dot, rngs=rngs)
 
-    def __call__(self, x):
+    def features(self, x):
         x = x.reshape(x.shape[0], -1)
         for layer in self.hidden:
             x = self.dropout(jax.nn.relu(layer(x)))
-        return self.out(x)
+        return x
+
+    def head(self, features):
+        return self.out(features)
+
+    def __call__(self, x):
+        return self.head(self.features(x))
 
 
 class CNN(nnx.Module):
@@ -87,13 +93,18 @@ class CNN(nnx.Module):
         self.drop2 = nnx.Dropout(0.5, rngs=rngs)
         self.out = nnx.Linear(128, num_outputs, dot_general=dot, rngs=rngs)
 
-    def __call__(self, x):
+    def features(self, x):
         x = jax.nn.relu(self.conv1(x))
         x = jax.nn.relu(self.conv2(x))
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
         x = self.drop1(x).reshape(x.shape[0], -1)
-        x = self.drop2(jax.nn.relu(self.dense(x)))
-        return self.out(x)
+        return self.drop2(jax.nn.relu(self.dense(x)))
+
+    def head(self, features):
+        return self.out(features)
+
+    def __call__(self, x):
+        return self.head(self.features(x))
 
 
 class LSTM(nnx.Module):
@@ -214,7 +225,7 @@ def mlp(input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (2
     dense_function(dense_impl)
     return from_nnx(lambda rngs: MLP(features, hidden, num_outputs, dropout=dropout,
                                      dense_impl=dense_impl, rngs=rngs),
-                    tuple(input_shape), name=f"mlp{list(hidden)}")
+                    tuple(input_shape), name=f"mlp{list(hidden)}", head=("out",))
 
 
 def cnn(input_shape: Sequence[int], num_outputs: int, conv_impl: str = "auto",
@@ -227,7 +238,7 @@ def cnn(input_shape: Sequence[int], num_outputs: int, conv_impl: str = "auto",
     dense_function(dense_impl)
     return from_nnx(lambda rngs: CNN(tuple(input_shape), num_outputs, conv_impl=conv_impl,
                                      dense_impl=dense_impl, rngs=rngs),
-                    tuple(input_shape), name="cnn")
+                    tuple(input_shape), name="cnn", head=("out",))
 
 
 def _sequence_length(model: str, input_shape: Sequence[int]) -> int:

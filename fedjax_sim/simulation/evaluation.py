@@ -122,7 +122,9 @@ class ClientEvaluator:
 
     For each evaluation client it reports (each a `{metric: [C]}` dict, see `__call__`):
       'test':      the global model (if the algorithm has one);
-      'personal':  the client's personal model, `personalize(params, client_state)`;
+      'personal':  the client's personal model, `personalize(params, client_state)`,
+                   run with `personal_state(model_state, client_state)` (its own
+                   BatchNorm statistics under FedBN; by default the global state);
       'finetuned': that model after `finetune` steps on the client's own training rows.
     The clients run vmapped in chunks of `clients_per_chunk`. Fine-tuning reads the
     evaluation clients' rows of `train_data` (a FederatedData): from `train_arrays` (its
@@ -133,7 +135,8 @@ class ClientEvaluator:
 
     def __init__(self, model: Model, task: Task, data, *, input_key: str = "x",
                  batch_size: int = 256, clients_per_chunk: int | None = 64,
-                 global_model: bool = True, personalize=None, finetune: FineTune | None = None,
+                 global_model: bool = True, personalize=None, personal_state=None,
+                 finetune: FineTune | None = None,
                  train_data=None, train_arrays=None, train_stream=None,
                  root: jax.Array | None = None, preprocess=None, block: int = 1024):
         self.client_ids = data.client_ids
@@ -189,11 +192,14 @@ class ClientEvaluator:
                 if global_model:
                     out["test"] = sums_of(params, model_state, cid)
                 own = personalize(params, state) if personalize is not None else params
+                own_state = (personal_state(model_state, state)
+                             if personalize is not None and personal_state is not None
+                             else model_state)
                 if personalize is not None:
-                    out["personal"] = sums_of(own, model_state, cid)
+                    out["personal"] = sums_of(own, own_state, cid)
                 if tune is not None:
-                    tuned = tune(own, model_state, train_row, train_arrays)
-                    out["finetuned"] = sums_of(tuned, model_state, cid)
+                    tuned = tune(own, own_state, train_row, train_arrays)
+                    out["finetuned"] = sums_of(tuned, own_state, cid)
                 return jnp.float32(0), jnp.float32(0), out
 
             _, _, sums = map_clients(one_client, (ids, train_rows, states), clients_per_chunk)

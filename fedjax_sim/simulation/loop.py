@@ -22,6 +22,7 @@ import numpy as np
 
 from fedjax_sim.aggregators import AggregatorPart, weighted_mean
 from fedjax_sim.algorithms.base import Algorithm, Problem
+from fedjax_sim.algorithms.local_stats import LocalStatistics
 from fedjax_sim.engine.batching import make_schedule
 from fedjax_sim.engine.client_states import (PLACEMENTS, HostClientStates, device_memory_bytes,
                                              resolve_placement)
@@ -38,6 +39,7 @@ from fedjax_sim.simulation.checkpoint import (CheckpointOptions, RunCheckpoints,
 from fedjax_sim.simulation.evaluation import (CentralEvaluator, ClientEvaluator, FineTune,
                                               summarize_clients)
 from fedjax_sim.simulation.private import PrivatePlan, warn_stop
+from fedjax_sim.trees import merge, path_names, split, under
 
 PyTree = Any
 # On CPU, local loops of at most this many steps are fully unrolled by default.
@@ -294,6 +296,8 @@ def simulate(
     privacy=None,
     engine: EngineOptions = EngineOptions(),
     preprocess: Preprocess | str | None = "auto",
+    batch_norm: str = "auto",
+    feature_cache: bool | str = "auto",
     input_key: str = "x",
     workdir: str | None = None,
     checkpoint: CheckpointOptions = CheckpointOptions(),
@@ -335,6 +339,24 @@ def simulate(
         (`fedjax_sim.data.Preprocess`: uint8 -> float scaling, normalisation, random
         crop and flip in local training). 'auto': uint8 images are scaled to [0, 1],
         other inputs are fed as stored; None: always as stored.
+      batch_norm: what happens to a model's running statistics (BatchNorm's mean and
+        variance, the model's `stats`) in federated training. 'frozen': clients normalise
+        with the stored (e.g. pretrained) statistics, which never change; 'averaged':
+        clients normalise with batch statistics and update the running ones, and the
+        server averages them like the weights (with the same client weights); 'local'
+        (FedBN): each client keeps its own statistics (algorithms.LocalStatistics), so
+        models are evaluated per client with their own; 'auto': 'frozen' for a model
+        with frozen parameters (`with_trainable`) or under differential privacy, else
+        'averaged'. Ignored for models without statistics (GroupNorm, no norm).
+      feature_cache: train a head on backbone features computed once. It applies where
+        only the model's head trains (`with_trainable(model, 'head')` on a model with a
+        `head_split`: the zoo's ResNets, MLP and CNN), the frozen backbone computes the same
+        in training as in inference (no dropout; BatchNorm statistics frozen or absent)
+        and no augmentation changes the inputs; then every example's features are computed
+        once (train, test and per-client data) and the rounds run the head alone, which
+        gives the results of training through the frozen backbone, up to float round-off,
+        at a fraction of the cost. 'auto': where it applies; True: required (an error says
+        why it cannot apply); False: never. The summary's `feature_cache` records it.
       workdir: if given, `metrics.jsonl`, `summary.json` and the final `params.npz` are
         written there, and checkpoints in `workdir/checkpoints` (see `checkpoint`). If that
         directory already holds checkpoints of this run, the run resumes from the newest
@@ -360,11 +382,16 @@ def simulate(
         preprocess = default_preprocess(train_data.features[input_key], input_key)
     if isinstance(preprocess, Preprocess):
         preprocess.check(tuple(train_data.features[input_key].shape[1:]))
+    batch_norm = _batch_norm_mode(batch_norm, model, privacy)
+    if batch_norm == "frozen":
+        model = model.freeze_stats()
     heldout = _heldout_parts(heldout_data, train_data)
     if finetune is not None and client_eval_data is None and (heldout is None or heldout[0] is None):
         raise UserError("finetune= evaluates each client after fine-tuning on its own data; it "
                         "needs client_eval_data (per-client test splits, e.g. from "
                         "clients.split(0.2, seed=0)) or heldout_data=(train split, test split)")
+    if batch_norm == "local":
+        algorithm = LocalStatistics(algorithm, None)  # the statistics are filled in below
     if not algorithm.global_model and client_eval_data is None:
         warnings.warn(f"{type(algorithm).__name__} has no global model to test and no "
                       f"client_eval_data was given, so nothing will be evaluated; pass "
@@ -386,7 +413,29 @@ def simulate(
         plan.check_budget(rounds)
 
     root = jax.random.key(seed)
-    params, model_state = model.init(jax.random.fold_in(root, 0x1A17))
+    params, model_state = model.init(jax.random.fold_in(root, INIT_STREAM))
+    stats_mode = batch_norm if batch_norm in ("averaged", "local") else None
+    stats = None
+    if stats_mode is not None:
+        names = set(model.stats)
+        stats = split(model_state, lambda n: n in names)[0]
+    if batch_norm == "local":
+        algorithm = dataclasses.replace(algorithm, initial=stats)
+    cache_info = None
+    if _use_feature_cache(feature_cache, model, params, preprocess):
+        t_cache = time.perf_counter()
+        to_features = _feature_extractor(model.head_split, params, model_state, preprocess,
+                                         input_key, eval_batch_size)
+        train_data = to_features(train_data)
+        eval_data = to_features(eval_data)
+        client_eval_data = to_features(client_eval_data)
+        if heldout is not None:
+            heldout = tuple(to_features(part) for part in heldout)
+        model = _head_model(model, tuple(train_data.features[input_key].shape[1:]))
+        preprocess = None
+        cache_info = {"feature_shape": list(train_data.features[input_key].shape[1:]),
+                      "examples": to_features.examples,
+                      "seconds": round(time.perf_counter() - t_cache, 3)}
     # One batch of real examples serves the shape check, the convolution check and the
     # step cost estimate.
     example_batch = {k: jnp.asarray(train_data.features[k][:schedule.batch_size])
@@ -422,7 +471,7 @@ def simulate(
                            max_client_size=train_data.max_client_size,
                            clients_per_round=clients_per_round,
                            clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"],
-                           sampling=sampling, preprocess=preprocess)
+                           sampling=sampling, preprocess=preprocess, stats_mode=stats_mode)
     budget = parse_bytes(engine.device_data_budget)
     data_placement = resolve_data_placement(
         engine.data_placement, data_bytes(train_data), budget,
@@ -435,7 +484,8 @@ def simulate(
     personalize = algorithm.personal_params if algorithm.personalized else None
     per_client = ClientEvaluator(
         model, task, client_eval_data, input_key=input_key, batch_size=eval_batch_size,
-        global_model=algorithm.global_model, personalize=personalize, finetune=finetune,
+        global_model=algorithm.global_model, personalize=personalize,
+        personal_state=algorithm.personal_model_state if personalize else None, finetune=finetune,
         train_data=train_data, train_arrays=data, train_stream=streamer, root=root,
         preprocess=preprocess) if client_eval_data is not None else None
     heldout_eval = None
@@ -452,7 +502,7 @@ def simulate(
     one_client = algorithm.client_state_init(params)
     placement = None if one_client is None else resolve_placement(
         engine.client_states, one_client, train_data.num_clients, backend)
-    state = program.init(params, placement or "device")
+    state = program.init(params, placement or "device", stats=stats)
     if workdir:
         _prepare_workdir(workdir)
     ckpt = None
@@ -462,7 +512,7 @@ def simulate(
         model=model, algorithm=algorithm, train_data=train_data, task=task, aggregator=aggregator,
         clients_per_round=clients_per_round, eval_every=eval_every, seed=seed, engine=engine,
         input_key=input_key, eval_data=eval_data, client_eval_data=client_eval_data,
-        privacy=privacy)
+        privacy=privacy, batch_norm=batch_norm)
     history: list[dict] = []
     done = 0
     if ckpt is not None:
@@ -505,7 +555,8 @@ def simulate(
         _rewrite_jsonl(os.path.join(workdir, "metrics.jsonl"), history)
         params = algorithm.params(state.server)
         export_params(params, os.path.join(workdir, "params.npz"))
-        return Result(params, model_state, state.server, history, summary, state.clients)
+        return Result(params, _current_model_state(model_state, state), state.server, history,
+                      summary, state.clients)
 
     every = checkpoint.every_rounds if ckpt is not None else None
     per_call = min(choice["rounds_per_call"], eval_every, rounds, every or rounds)
@@ -574,7 +625,8 @@ def simulate(
                                 f"client or server learning rate{last_good}")
             done += count
             if done % eval_every == 0 or last:
-                evaluated, client_metrics = _evaluate(algorithm.params(state.server), model_state,
+                evaluated, client_metrics = _evaluate(algorithm.params(state.server),
+                                                      _current_model_state(model_state, state),
                                                       central, per_client, state.clients,
                                                       heldout_eval)
                 rows[-1].update(evaluated)
@@ -608,6 +660,8 @@ def simulate(
         "compile_seconds": compile_seconds,
         "resumed_from_round": start_round,
         "num_params": model.num_params(params),
+        "batch_norm": batch_norm,
+        "feature_cache": cache_info or False,
         "engine": {**choice, "backend": backend, "local_steps": schedule.num_steps,
                    "batch_size": schedule.batch_size, "data_placement": data_placement,
                    **({"stream": {"rounds_per_call": per_call, "buffer_rows": streamer.capacity,
@@ -626,12 +680,128 @@ def simulate(
         export_params(params, os.path.join(workdir, "params.npz"))
         if client_metrics is not None:
             _write_json(os.path.join(workdir, "client_metrics.json"), client_metrics)
-    return Result(params, model_state, state.server, history, summary, state.clients,
-                  client_metrics)
+    return Result(params, _current_model_state(model_state, state), state.server, history,
+                  summary, state.clients, client_metrics)
 
 
 # Fine-tuning randomness of held-out clients: its own stream, apart from the training clients'.
 HELDOUT_STREAM = 0x4E1D
+
+
+BATCH_NORM_MODES = ("auto", "frozen", "averaged", "local")
+# The model's initial parameters come from fold_in(root key, INIT_STREAM).
+INIT_STREAM = 0x1A17
+
+
+def _batch_norm_mode(batch_norm: str, model: Model, privacy) -> str | None:
+    """The `batch_norm` mode a run uses (see simulate), checked; None for a model without
+    running statistics."""
+    if batch_norm not in BATCH_NORM_MODES:
+        raise UserError(f"batch_norm must be one of {', '.join(map(repr, BATCH_NORM_MODES))}, "
+                        f"got {batch_norm!r}")
+    if not model.stats:
+        return None
+    if batch_norm == "auto":
+        state = jax.eval_shape(model.init, jax.random.key(0))[1]
+        frozen = isinstance(state, dict) and bool(jax.tree_util.tree_leaves(state.get("frozen")))
+        batch_norm = "frozen" if frozen or privacy is not None else "averaged"
+    if batch_norm == "frozen" and model.freeze_stats is None:
+        raise UserError(f"model {model.name} cannot train with frozen BatchNorm statistics (its "
+                        f"training flag switches BatchNorm and dropout together); use "
+                        f"batch_norm='averaged' or 'local', or build it with from_nnx, or "
+                        f"from_linen(..., frozen_norm_kwarg=...)")
+    example_level = type(privacy).__name__ == "ExampleLevelDP"
+    if privacy is not None and (batch_norm == "averaged" or (batch_norm == "local" and example_level)):
+        why = ("BatchNorm's batch statistics mix the examples of a batch, which DP-SGD's "
+               "per-example clipping cannot bound" if example_level else
+               "clients would send their BatchNorm statistics to the server without clipping "
+               "or noise")
+        fix = "batch_norm='frozen'" if example_level else "batch_norm='frozen' or 'local'"
+        raise UserError(f"batch_norm={batch_norm!r} is not private: {why}; use {fix}, or a "
+                        f"model without BatchNorm (e.g. norm='group')")
+    return batch_norm
+
+
+def _feature_cache_blocker(model: Model, params, preprocess) -> str | None:
+    """Why the feature cache cannot serve this run, or None if it can."""
+    split_ = model.head_split
+    if split_ is None:
+        return f"model {model.name} has no features/head split (from_nnx(..., head=...))"
+    outside = [n for n in path_names(params) if not any(under(n, h) for h in split_.names)]
+    if outside:
+        return (f"parameters outside the head {list(split_.names)} train (e.g. {outside[0]}); "
+                f"freeze them with with_trainable(model, 'head')")
+    if not split_.fixed:
+        return ("the frozen backbone computes differently in training (dropout, or BatchNorm "
+                "statistics updated: use batch_norm='frozen')")
+    if isinstance(preprocess, Preprocess) and preprocess.augments:
+        return "augmentation (random crop or flip) changes the inputs at every step"
+    return None
+
+
+def _use_feature_cache(feature_cache, model: Model, params, preprocess) -> bool:
+    if feature_cache not in ("auto", True, False):
+        raise UserError(f"feature_cache must be 'auto', True or False, got {feature_cache!r}")
+    if feature_cache is False:
+        return False
+    reason = _feature_cache_blocker(model, params, preprocess)
+    if reason is not None and feature_cache is True:
+        raise UserError(f"feature_cache=True cannot apply: {reason}; or set feature_cache='auto'")
+    return reason is None
+
+
+def _feature_extractor(head_split, params, model_state, preprocess, input_key: str,
+                       batch_size: int):
+    """`convert(data)`: `data` (FederatedData, dict of arrays or None) with its inputs
+    replaced by the backbone's features (host numpy arrays, computed in fixed-size
+    batches on the device); `convert.examples` counts the examples converted."""
+    def features(p, s, x):
+        if preprocess is not None:
+            x = preprocess({input_key: x}, None, train=False)[input_key]
+        return head_split.features(p, s, x)
+
+    run = jax.jit(features)
+
+    def of(x):
+        x = np.asarray(x)
+        n = x.shape[0]
+        b = max(1, min(batch_size, n))
+        parts = []
+        for lo in range(0, n, b):
+            chunk = x[lo:lo + b]
+            if chunk.shape[0] < b:  # one shape, one compilation
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - chunk.shape[0], axis=0)])
+            parts.append(np.asarray(run(params, model_state, chunk))[:min(b, n - lo)])
+        convert.examples += n
+        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+    def convert(data):
+        if data is None:
+            return None
+        if hasattr(data, "client_ids"):
+            return type(data)({**data.features, input_key: of(data.features[input_key])},
+                              data.offsets, data.client_ids)
+        return {**data, input_key: of(data[input_key])}
+
+    convert.examples = 0
+    return convert
+
+
+def _head_model(model: Model, feature_shape: tuple[int, ...]) -> Model:
+    """The model's head on cached features: same init (params and state), `apply` runs the
+    head only."""
+    head = model.head_split
+
+    def apply(params, state, f, *, train=False, rng=None):
+        return head.apply_head(params, state, f, train=train, rng=rng)
+
+    return Model(init=model.init, apply=apply, input_shape=feature_shape,
+                 name=f"{model.name}[cached features]")
+
+
+def _current_model_state(model_state, state):
+    """The global model's state: `model_state` with the running statistics of the run."""
+    return model_state if state.stats is None else merge(model_state, state.stats)
 
 
 def _heldout_parts(heldout_data, train_data):
@@ -779,7 +949,7 @@ def _data_digest(data) -> str | None:
 
 def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_round,
                  eval_every, seed, engine, input_key, eval_data, client_eval_data,
-                 privacy=None) -> dict:
+                 privacy=None, batch_norm=None) -> dict:
     """What identifies a run of `simulate()` when no config is given: checked on resume.
 
     Optimizer hyperparameters live inside optax closures and cannot be seen here; pass
@@ -794,6 +964,7 @@ def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_
                  "digest": _data_digest(train_data)},
         "eval_data": _data_digest(eval_data), "client_eval_data": _data_digest(client_eval_data),
         "privacy": _describe(privacy),
+        **({"batch_norm": batch_norm} if batch_norm is not None else {}),
     }
 
 
