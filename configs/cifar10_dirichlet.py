@@ -6,9 +6,9 @@ The setup of Reddi et al. 2021 ("Adaptive Federated Optimization"): CIFAR-10's 5
 training images partitioned into 500 clients with a Dirichlet(0.1) prior over labels,
 10 clients a round, 1 local epoch of batch 20, client SGD at 10^-1.5, server Adam at
 10^-2 with eps 10^-3, random crop (4 pixels of padding) and horizontal flips on device,
-4,000 rounds; `test_*` is CIFAR-10's 10,000-image test split. The paper trains a
-ResNet-18 with group norm; this config uses the zoo's `cnn` (set model.name to another
-image model of the zoo to change it).
+4,000 rounds; `test_*` is CIFAR-10's 10,000-image test split. The model is the paper's:
+a ResNet-18 with GroupNorm (2 groups), here with the CIFAR stem (3x3 conv, no max-pool)
+for 32x32 inputs (set model.name='cnn' for the small EMNIST CNN instead).
 
 Needs the dataset: the first run downloads and prepares it through tensorflow-datasets
 into data.data_dir (default ~/tensorflow_datasets; see the README's "Public datasets").
@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
                   client_test_fraction=0.0, heldout_clients=None, seed=0)
     c.preprocess = dict(scale=1 / 255, mean=(0.4914, 0.4822, 0.4465),
                         std=(0.2470, 0.2435, 0.2616), crop_padding=4, flip=True)
-    c.model = dict(name="cnn", num_outputs=None, args={})
+    c.model = dict(name="resnet18", num_outputs=None,
+                   args=dict(norm="group", groups=2, stem="cifar"))
     c.algorithm = dict(
         name="fedavg",
         client_optimizer=dict(name="sgd", learning_rate=10 ** -1.5, args={}),

@@ -42,4 +42,4 @@ def toy_clients(sizes, features=6, classes=3, seed=0):
 # Configs whose data must be downloaded or brought as files: they run end to end on
 # generated files and mocked TFDS in tests/test_data_configs.py instead.
 EXTERNAL_DATA_CONFIGS = {"cifar10_dirichlet.py", "emnist_tff.py", "femnist_leaf.py",
-                         "shakespeare_leaf.py"}
+                         "shakespeare_leaf.py", "cifar10_resnet50_transfer.py"}

@@ -116,6 +116,23 @@ BAD = [
      "config.data.num_clients must be an integer >= 1, got 0"),
     ("digits_fedavg", {"clients_per_round": "500"}, "clients_per_round=500 exceeds the 100 clients"),
     ("synthetic_fedavg", {"clients_per_round": "31"}, "clients_per_round=31 exceeds the 30 clients"),
+    # transfer learning
+    ("cifar10_resnet50_transfer", {"model.trainable": "5"},
+     "config.model.trainable must be 'all', 'head', '+'-joined path prefixes"),
+    ("cifar10_resnet50_transfer", {"model.pretrained.path": "None"},
+     "config.model.pretrained.path must be the path of a weights file"),
+    ("cifar10_resnet50_transfer", {"model.pretrained.format": "'pth'"},
+     "config.model.pretrained.format must be one of ['auto', 'safetensors', 'npz', 'orbax']"),
+    ("cifar10_resnet50_transfer", {"model.pretrained.skip": "'fc'"},
+     "config.model.pretrained.skip must be a list of parameter paths or prefixes"),
+    ("cifar10_resnet50_transfer", {"model.args.head_hidden": "-1"},
+     "config.model.args.head_hidden must be an integer >= 0, got -1"),
+    ("cifar10_resnet50_transfer", {"batch_norm": "'fedbn'"},
+     "config.batch_norm must be one of ['auto', 'frozen', 'averaged', 'local'], got 'fedbn'"),
+    ("cifar10_resnet50_transfer", {"feature_cache": "'yes'"},
+     "config.feature_cache must be 'auto', True or False, got 'yes'"),
+    ("cifar10_resnet50_transfer", {"preprocess.resize": "(224,)"},
+     "config.preprocess: resize must be None or (height, width), two integers >= 1"),
     # model
     ("digits_fedavg", {"model.name": "resnet"},
      "config.model.name='resnet' is not a zoo model; choose one of "

@@ -105,7 +105,8 @@ def test_cifar10_dirichlet_config_on_mock_tfds(tmp_path, capsys):
                          f"--config.data.data_dir={data_dir}", "--config.data.download=False",
                          "--config.data.num_clients=4", "--config.data.partition_args.alpha=5.0",
                          "--config.clients_per_round=2",
-                         "--config.model.name=mlp")  # crop and flip still run on device
+                         "--config.model.name=mlp",  # crop and flip still run on device
+                         "--config.model.args={}")
     assert summary["data"]["num_clients"] == 4 and summary["data"]["num_examples"] == 120
     assert 0 <= summary["final"]["test_accuracy"] <= 1
 

@@ -151,3 +151,21 @@ def test_simulate_with_augmentation_runs_and_learns():
     res = fs.simulate(model, algo, train, rounds=15, clients_per_round=6, eval_every=15,
                       eval_data=dict(test.features), preprocess=pre, progress=False)
     assert res.summary["final"]["test_accuracy"] > 0.6  # chance: 1/3
+
+
+def test_resize_matches_pillow_bilinear_and_rejects_bad_sizes():
+    """Upsampling (e.g. CIFAR 32x32 for an ImageNet backbone) is bilinear with half-pixel
+    centres: it equals Pillow's BILINEAR resize of each channel."""
+    from PIL import Image
+
+    x = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+    pre = fs.data.Preprocess(scale=None, resize=[16, 20])
+    out = np.asarray(pre({"x": jnp.asarray(x)}, None, train=False)["x"])
+    ref = np.stack([np.stack([np.asarray(Image.fromarray(x[b, :, :, c], mode="F").resize(
+        (20, 16), Image.BILINEAR)) for c in range(3)], -1) for b in range(2)])
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert pre.output_shape((8, 8, 3)) == (16, 20, 3)
+    with pytest.raises(UserError, match="resize must be None or"):
+        fs.data.Preprocess(resize=(0, 4))
+    with pytest.raises(UserError, match="resize needs image inputs"):
+        fs.data.Preprocess(resize=(4, 4)).check((64,))

@@ -83,3 +83,26 @@ def test_selector_and_outputs_unchanged():
         with_trainable(model, "layer9+head")
     with pytest.raises(UserError, match="trainable must be"):
         with_trainable(model, [])
+
+
+def test_config_loads_pretrained_weights_and_trains_the_head_on_cached_features(tmp_path):
+    """config.model.pretrained / trainable through the config runner: the backbone comes
+    from the file and stays as loaded, the new head trains on cached features."""
+    from fedjax_sim.cli.experiment import run
+    from fedjax_sim.cli.config import load_config
+    from fedjax_sim.simulation.checkpoint import export_params
+
+    source = fs.models.get_model("mlp", (8, 8, 1), 5, hidden=(32,))  # another 5-class task
+    weights, _ = source.init(jax.random.key(7))
+    path = str(tmp_path / "backbone.npz")
+    export_params(weights, path)
+    config = load_config("configs/digits_fedavg.py", {"rounds": "2", "eval_every": "2",
+                                                       "model.args.hidden": "[32]"})
+    config.model.trainable = "head"
+    config.model.pretrained = {"path": path, "skip": ["out"]}
+    result = run(config, workdir=None, progress=False)
+    frozen = result.model_state["frozen"]["hidden"][0]
+    np.testing.assert_array_equal(np.asarray(frozen["kernel"]), np.asarray(weights["hidden"][0]["kernel"]))
+    assert set(result.params) == {"out"} and result.params["out"]["kernel"].shape == (32, 10)
+    assert result.summary["feature_cache"]["feature_shape"] == [32]
+    assert result.summary["final"]["test_accuracy"] > 0.1

@@ -37,14 +37,17 @@ from __future__ import annotations
 
 import json
 
+import jax
 import ml_collections
 import numpy as np
 
 from fedjax_sim import data as fdata
 from fedjax_sim.errors import UserError
-from fedjax_sim.models import get_model, get_task
+from fedjax_sim.models import get_model, get_task, load_pretrained, with_trainable
+from fedjax_sim.models.trainable import count_parameters
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
+from fedjax_sim.simulation.loop import INIT_STREAM
 from fedjax_sim.cli.schema import (CHECKPOINT_DEFAULTS, build_algorithm, build_optimizer,
                                    finetune_options, preprocess_options, privacy_options,
                                    validate_config)
@@ -154,9 +157,15 @@ def build(config: ml_collections.ConfigDict) -> dict:
     else:
         num_outputs = int(np.prod(labels.shape[1:]))
     model_cfg = config.model
-    model = get_model(model_cfg.name, train.features["x"].shape[1:],
+    preprocess = preprocess_options(config)
+    input_shape = tuple(train.features["x"].shape[1:])
+    if hasattr(preprocess, "output_shape"):  # e.g. images resized on the device
+        input_shape = preprocess.output_shape(input_shape)
+    model = get_model(model_cfg.name, input_shape,
                       _get(model_cfg, "num_outputs") or num_outputs,
                       **dict(_get(model_cfg, "args", {}) or {}))
+
+    model = _transfer(model, model_cfg, seed)
 
     algorithm = build_algorithm(config.algorithm)
     engine_cfg = dict(_get(config, "engine", {}) or {})
@@ -164,11 +173,36 @@ def build(config: ml_collections.ConfigDict) -> dict:
     privacy = privacy_options(config)  # ClientLevelDP / ExampleLevelDP, or None
     return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
                 privacy=privacy, eval_data=test, client_eval_data=client_test,
-                heldout_data=info.pop("heldout", None), preprocess=preprocess_options(config),
+                heldout_data=info.pop("heldout", None), preprocess=preprocess,
                 finetune=finetune_options(config),
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
                 eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),
-                info=info)
+                batch_norm=_get(config, "batch_norm", "auto"),
+                feature_cache=_get(config, "feature_cache", "auto"), info=info)
+
+
+def _transfer(model, model_cfg, seed: int):
+    """The zoo model with config.model.pretrained weights loaded and only
+    config.model.trainable training (the rest frozen); the model itself if neither is set."""
+    pretrained = _get(model_cfg, "pretrained")
+    trainable = _get(model_cfg, "trainable", "all")
+    if isinstance(trainable, (list, tuple)):
+        trainable = list(trainable)
+    if pretrained is None and trainable == "all":
+        return model
+    params = state = None
+    if pretrained is not None:
+        options = {"path": pretrained} if isinstance(pretrained, str) else dict(pretrained)
+        path = options.pop("path")
+        # The key simulate() initialises with, so leaves the file does not set (a new head)
+        # start where they would without it.
+        params, state = model.init(jax.random.fold_in(jax.random.key(seed), INIT_STREAM))
+        params, state, report = load_pretrained(params, state, path, **{
+            k: (tuple(v) if k == "skip" else v) for k, v in options.items()})
+        print(report)
+    model = with_trainable(model, trainable, params=params, state=state)
+    print(f"{model.name}: {count_parameters(model)}")
+    return model
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True,

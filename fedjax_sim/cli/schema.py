@@ -43,10 +43,11 @@ from fedjax_sim.data.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import tasks, zoo
+from fedjax_sim.models.pretrained import FORMATS as PRETRAINED_FORMATS
 from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.simulation.evaluation import FineTune
-from fedjax_sim.simulation.loop import EngineOptions, resolve_engine
+from fedjax_sim.simulation.loop import BATCH_NORM_MODES, EngineOptions, resolve_engine
 
 __all__ = ["validate_config", "privacy_options", "preprocess_options", "build_algorithm", "build_optimizer",
            "finetune_options", "ALGORITHM_RULES", "FINETUNE_KEYS", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS",
@@ -58,7 +59,8 @@ __all__ = ["validate_config", "privacy_options", "preprocess_options", "build_al
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
-                  "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess")
+                  "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess",
+                  "batch_norm", "feature_cache")
 DATA_SOURCES = ("digits", "diabetes", "synthetic", "tfds", "tff_h5", "leaf")
 # Sources whose clients are natural users read from files, with their own test splits.
 NATURAL_SOURCES = ("tff_h5", "leaf")
@@ -79,8 +81,10 @@ DATA_KEYS = {
              "heldout_clients", "seed"),
 }
 # config.preprocess: the fields of fedjax_sim.data.Preprocess (or None / 'auto').
-PREPROCESS_KEYS = ("scale", "mean", "std", "crop_padding", "flip")
-MODEL_KEYS = ("name", "num_outputs", "args")
+PREPROCESS_KEYS = ("scale", "mean", "std", "crop_padding", "flip", "resize")
+MODEL_KEYS = ("name", "num_outputs", "args", "trainable", "pretrained")
+# config.model.pretrained: a weights file and load_pretrained's options.
+PRETRAINED_KEYS = ("path", "format", "skip", "strip_prefix", "strict")
 OPTIMIZER_KEYS = ("name", "learning_rate", "args")
 # Algorithm name -> its builder; the algorithm section's keys are `name` plus the builder's
 # parameters (client_optimizer, server_optimizer, local_epochs, ...). Parameters named
@@ -166,6 +170,7 @@ ARG_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "stem": _one_of(("imagenet", "cifar")),        # resnets (models/resnet.py STEMS)
         "width": _int_at_least(1),                # resnets: the first stage's channels
         "groups": _int_at_least(1),               # resnets: GroupNorm groups (norm='group')
+        "head_hidden": _int_at_least(0),          # resnets: hidden dense layer of the head
     },
 }
 _HEAD = ((lambda v: (isinstance(v, str) and v) or (isinstance(v, (list, tuple)) and v and all(
@@ -314,6 +319,9 @@ def _check_unknown_keys(config) -> None:
         "privacy": PRIVACY_KEYS,
         "preprocess": PREPROCESS_KEYS,
     }
+    model = _get(config, "model")
+    if _is_section(model) and _is_section(_get(model, "pretrained")):
+        _check_keys(model["pretrained"], "model.pretrained", PRETRAINED_KEYS)
     for name, known in fixed_layout.items():
         section = _get(config, name)
         if _is_section(section):
@@ -340,6 +348,11 @@ def _check_top_level(config) -> None:
     if not isinstance(task, str) or task not in tasks.TASKS:
         raise UserError(f"config.task={task!r} is not a known task; choose one of "
                         f"{sorted(tasks.TASKS)}")
+    _check(_get(config, "batch_norm", "auto"), "batch_norm", _one_of(BATCH_NORM_MODES))
+    feature_cache = _get(config, "feature_cache", "auto")
+    if not (feature_cache == "auto" or isinstance(feature_cache, bool)):
+        raise UserError(f"config.feature_cache must be 'auto', True or False, got "
+                        f"{_show(feature_cache)}")
 
 
 def _check_data(config) -> int | None:
@@ -473,6 +486,37 @@ def _check_model(config) -> None:
     if name == "mlp" and "hidden" in args and not _LAYER_SIZES[0](args["hidden"]):
         raise UserError(f"config.model.args.hidden must be a list of integers >= 1, got "
                         f"{_show(args['hidden'])}")
+    trainable = _get(model, "trainable", "all")
+    if not ((isinstance(trainable, str) and trainable) or (
+            isinstance(trainable, (list, tuple)) and trainable
+            and all(isinstance(t, str) and t for t in trainable))):
+        raise UserError(f"config.model.trainable must be 'all', 'head', '+'-joined path "
+                        f"prefixes such as 'layer4+head', or a list of prefixes, got "
+                        f"{_show(trainable)}")
+    pretrained = _get(model, "pretrained")
+    if pretrained is None:
+        return
+    if isinstance(pretrained, str):
+        pretrained = {"path": pretrained}
+    if not _is_section(pretrained):
+        raise UserError(f"config.model.pretrained must be None, a weights file path or a dict "
+                        f"with keys {list(PRETRAINED_KEYS)}, got {_show(pretrained)}")
+    path = _get(pretrained, "path")
+    if not isinstance(path, str) or not path:
+        raise UserError("config.model.pretrained.path must be the path of a weights file "
+                        "(.safetensors, .npz) or a saved result's directory")
+    _check(_get(pretrained, "format", "auto"), "model.pretrained.format",
+           _one_of(PRETRAINED_FORMATS))
+    skip = _get(pretrained, "skip", ())
+    if not (isinstance(skip, (list, tuple)) and all(isinstance(v, str) and v for v in skip)):
+        raise UserError(f"config.model.pretrained.skip must be a list of parameter paths or "
+                        f"prefixes never to load (e.g. ['fc']), got {_show(skip)}")
+    strip = _get(pretrained, "strip_prefix")
+    if strip is not None and not isinstance(strip, str):
+        raise UserError(f"config.model.pretrained.strip_prefix must be None or a string, got "
+                        f"{_show(strip)}")
+    _check(_get(pretrained, "strict", False), "model.pretrained.strict",
+           ((lambda v: isinstance(v, bool)), "True or False"))
 
 
 def _optimizer_names() -> list[str]:

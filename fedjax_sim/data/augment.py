@@ -5,6 +5,9 @@ Images are stored as uint8 (a 50,000-image CIFAR-10 training set takes 147 MiB i
 
     x_float = x * scale                        (integer inputs; float inputs are kept)
     x_norm  = (x_float - mean) / std           (per channel, when mean/std are given)
+    x_big   = resize(x_norm, (H', W'))         (bilinear, with `resize`: e.g. CIFAR's 32x32
+                                                images to the 224x224 an ImageNet backbone
+                                                was trained on)
 
 During local training (`train=True`) each example of a batch is also augmented, the
 standard CIFAR recipe (He et al. 2016):
@@ -42,6 +45,8 @@ class Preprocess:
       mean, std: per-channel normalisation applied after scaling (None: none).
       crop_padding: random crop with this much zero padding per side (0: no crop).
       flip: random horizontal flip.
+      resize: (height, width) every image is resized to (bilinear, antialiased when
+        shrinking), after augmentation and normalisation; None keeps the stored size.
     """
 
     key: str = "x"
@@ -50,8 +55,16 @@ class Preprocess:
     std: Sequence[float] | None = None
     crop_padding: int = 0
     flip: bool = False
+    resize: Sequence[int] | None = None
 
     def __post_init__(self):
+        if self.resize is not None:
+            size = tuple(self.resize) if isinstance(self.resize, (list, tuple)) else ()
+            if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                         and v >= 1 for v in size):
+                raise UserError(f"resize must be None or (height, width), two integers >= 1, "
+                                f"got {self.resize!r}")
+            object.__setattr__(self, "resize", tuple(int(v) for v in size))
         if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) \
                 or self.crop_padding < 0:
             raise UserError(f"crop_padding must be an integer >= 0, got {self.crop_padding!r}")
@@ -68,6 +81,9 @@ class Preprocess:
 
     def check(self, example_shape: tuple[int, ...]) -> None:
         """Raises UserError when this preprocessing cannot apply to examples of this shape."""
+        if self.resize is not None and len(example_shape) != 3:
+            raise UserError(f"resize needs image inputs [height, width, channels], got examples "
+                            f"of shape {list(example_shape)}; set resize=None")
         if self.augments and len(example_shape) != 3:
             raise UserError(f"random crop and flip need image inputs [height, width, channels], "
                             f"got examples of shape {list(example_shape)}; set crop_padding=0 "
@@ -89,7 +105,17 @@ class Preprocess:
         if self.mean is not None:
             x = (x.astype(jnp.float32) - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(
                 self.std, jnp.float32)
+        if self.resize is not None:
+            b, _, _, c = x.shape
+            x = jax.image.resize(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                                 (b, *self.resize, c), method="bilinear")
         return {**batch, self.key: x}
+
+    def output_shape(self, example_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one example after preprocessing."""
+        if self.resize is None:
+            return tuple(example_shape)
+        return (*self.resize, example_shape[-1])
 
 
 def augment(x: jax.Array, rng: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
