@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.preprocess = dict(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                         crop_padding=0, flip=False, resize=(224, 224))
     c.model = dict(name="resnet50", num_outputs=None,
-                   args=dict(norm="batch", stem="imagenet", head_hidden=512),
+                   args=dict(norm="batch", stem="imagenet", width=64, head_hidden=512),
                    trainable="head",
                    pretrained=dict(path="resnet50.safetensors", format="safetensors", skip=[],
                                    strip_prefix=None, strict=False))

@@ -4,8 +4,11 @@ written here in the real layouts (TFF HDF5, LEAF JSON) or on mocked TFDS data.""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+
+import fedjax_sim as fs
 
 from fedjax_sim.cli.main import main
 from test_data_files import write_leaf, write_tff
@@ -131,3 +134,45 @@ def test_bad_data_gives_one_line_errors(tmp_path, capsys):
                   "--config.data.download=False")
     assert "cifar11" in line and "cifar10" in line
     assert "dataset" in _error(capsys, "femnist_leaf.py", "--config.data.dataset=mnist")
+
+
+def _torchvision_resnet_file(path, model):
+    """A torchvision-layout safetensors file (OIHW convs, [out, in] linears, running_mean /
+    running_var, num_batches_tracked, a 1000-class fc) holding `model`'s initial values."""
+    from safetensors.numpy import save_file
+
+    from fedjax_sim.trees import path_names
+
+    params, state = model.init(jax.random.key(11))
+    sd = {}
+    for tree in (params, state):
+        for name, leaf in zip(path_names(tree), jax.tree_util.tree_leaves(tree)):
+            *parents, last = name.split("/")
+            arr = np.asarray(leaf)
+            if last == "kernel":
+                last, arr = "weight", np.transpose(arr, (*range(arr.ndim - 2, arr.ndim)[::-1], *range(arr.ndim - 2)))
+            else:
+                last = {"scale": "weight", "mean": "running_mean", "var": "running_var"}.get(last, last)
+            sd[".".join([*parents, last])] = np.ascontiguousarray(arr)
+            if last == "running_mean":
+                sd[".".join([*parents, "num_batches_tracked"])] = np.array(10, np.int64)
+    save_file(sd, str(path))
+
+
+@pytest.mark.slow  # ResNet-50 compilations on XLA:CPU: ~45 s on 2 cores
+def test_cifar10_resnet50_transfer_config_on_mock_tfds(tmp_path, capsys):
+    """The transfer config as shipped but for a narrow ResNet-50 (width 4) at 32x32: the
+    file's 1000-class head is skipped, the backbone is frozen with its statistics, and the
+    rounds train the new hidden + output head on cached features."""
+    weights = tmp_path / "resnet50.safetensors"
+    _torchvision_resnet_file(weights, fs.models.resnet50((32, 32, 3), 1000, width=4))
+    with _mocked(tmp_path, "cifar10", 60) as data_dir:
+        summary = _train(capsys, "cifar10_resnet50_transfer.py", tmp_path / "run",
+                         f"--config.data.data_dir={data_dir}", "--config.data.download=False",
+                         f"--config.model.pretrained.path={weights}",
+                         "--config.model.args.width=4", "--config.model.args.head_hidden=16",
+                         "--config.preprocess.resize=None", "--config.algorithm.batch_size=8")
+    assert summary["batch_norm"] == "frozen"
+    assert summary["feature_cache"]["feature_shape"] == [128]  # 8 * width * 4 channels
+    assert summary["num_params"] == 128 * 16 + 16 + 16 * 10 + 10  # the head alone trains
+    assert 0 <= summary["final"]["test_accuracy"] <= 1
