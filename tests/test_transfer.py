@@ -106,3 +106,22 @@ def test_config_loads_pretrained_weights_and_trains_the_head_on_cached_features(
     assert set(result.params) == {"out"} and result.params["out"]["kernel"].shape == (32, 10)
     assert result.summary["feature_cache"]["feature_shape"] == [32]
     assert result.summary["final"]["test_accuracy"] > 0.1
+
+
+def test_a_head_only_result_loads_back_whole_into_the_plain_model(tmp_path):
+    """A saved run of a with_trainable model holds its frozen backbone in the model state;
+    load_pretrained gives it back as parameters of the underlying model."""
+    train, _ = _digits([0, 1, 2, 3, 4])
+    data = fs.data.partition(train, train["y"], "iid", 4, seed=0)
+    base = fs.models.get_model("mlp", (8, 8, 1), 5, hidden=(16,))
+    params, state = base.init(jax.random.key(3))
+    res = fs.simulate(with_trainable(base, "head", params=params, state=state),
+                      fs.algorithms.fedavg(optax.sgd(0.1)), data, rounds=1, clients_per_round=2,
+                      progress=False)
+    res.save(str(tmp_path / "run"))
+    fresh, fresh_state = base.init(jax.random.key(4))
+    loaded, _, report = fs.models.load_pretrained(fresh, fresh_state, str(tmp_path / "run"),
+                                                  strict=True)
+    np.testing.assert_array_equal(loaded["hidden"][0]["kernel"], params["hidden"][0]["kernel"])
+    np.testing.assert_array_equal(loaded["out"]["kernel"], res.params["out"]["kernel"])
+    assert report.params_loaded == report.params_total

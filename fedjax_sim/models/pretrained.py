@@ -15,8 +15,10 @@ Formats (chosen by the file's content and extension, or by `format=`):
                    big_vision / BiT-style exports. Default `names='identity'`.
     a directory    a fedjax_sim orbax checkpoint: a `Result.save` directory, or its
                    `arrays/` directory. Its 'params' tree is matched against `params` and
-                   its 'model_state' tree against `state`, by path; a checkpoint of a
-                   plain tree (no 'params' key) is matched against both.
+                   its 'model_state' tree against `state`, by path (the result of a
+                   `with_trainable` model gives its frozen parameters back as
+                   parameters); a checkpoint of a plain tree (no 'params' key) is matched
+                   against both.
     .pth .pt .bin .ckpt .pkl .pickle, and any file that is a Python pickle or a PyTorch
                    zip archive: REFUSED. Unpickling a file can run arbitrary code, so
                    fedjax_sim never does it; convert such files to safetensors once where
@@ -292,8 +294,14 @@ def _read_orbax(path: str) -> list[_Tensor]:
                         f"check that it was completely written") from None
     if isinstance(tree, dict) and "params" in tree:
         parts = [("params", tree["params"], "params")]
-        if tree.get("model_state") is not None:
-            parts.append(("model_state", tree["model_state"], "state"))
+        model_state = tree.get("model_state")
+        if isinstance(model_state, dict) and set(model_state) == {"frozen", "model"}:
+            # A `with_trainable` model's result: its frozen parameters are parameters of
+            # the underlying model, and its inner state is that model's state.
+            parts.append(("model_state/frozen", model_state["frozen"], "params"))
+            parts.append(("model_state/model", model_state["model"], "state"))
+        elif model_state is not None:
+            parts.append(("model_state", model_state, "state"))
     else:
         parts = [("", tree, None)]
     out = []
