@@ -17,17 +17,17 @@ MOMENTUM = 0.9  # flax convention: running = 0.9 * running + 0.1 * batch
 
 
 class _Net(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, norm=fs.models.MaskedBatchNorm):
         self.hidden = nnx.Linear(4, 3, rngs=rngs)
-        self.bn = nnx.BatchNorm(3, momentum=MOMENTUM, rngs=rngs)
+        self.bn = norm(3, momentum=MOMENTUM, rngs=rngs)
         self.out = nnx.Linear(3, 2, rngs=rngs)
 
     def __call__(self, x):
         return self.out(nnx.relu(self.bn(self.hidden(x))))
 
 
-def _model():
-    return from_nnx(_Net, (4,), name="bn_net")
+def _model(norm=fs.models.MaskedBatchNorm):
+    return from_nnx(lambda rngs: _Net(rngs, norm), (4,), name="bn_net")
 
 
 SIZES = (5, 12, 23)
@@ -134,3 +134,30 @@ def test_auto_mode_and_bad_input():
                                               sampling_rate=0.2, delta=1e-3))
     # a model without statistics ignores the mode
     assert _batch_norm_mode("local", fs.models.get_model("mlp", (4,), 2), dp) is None
+
+
+def test_batch_statistics_leave_out_padding_slots():
+    """Clients of different sizes in one full batch each (padded to the largest client):
+    every client's statistics are its real examples' mean and biased variance, as a numpy
+    computation over those rows alone gives; a plain BatchNorm would count the padding."""
+    rng = np.random.default_rng(1)
+    sizes = (3, 7, 12)
+    x = rng.normal(size=(sum(sizes), 4)).astype(np.float32)
+    y = rng.integers(0, 2, size=x.shape[0]).astype(np.int32)
+    data = fs.data.FederatedData.from_client_column(
+        {"x": x, "y": y}, np.repeat(np.arange(len(sizes)), sizes))
+    algo = fs.algorithms.fedavg(optax.sgd(0.0), batch_size=None)  # one full-batch step
+    stats = {}
+    for name, norm in (("masked", fs.models.MaskedBatchNorm), ("plain", nnx.BatchNorm)):
+        model, params, _ = _fixed(_model(norm))
+        res = fs.simulate(model, algo, data, rounds=1, clients_per_round=3, progress=False,
+                          batch_norm="averaged")
+        stats[name] = res.model_state["model"]["bn"]
+    w = np.asarray(sizes, np.float64)[:, None]
+    h = [data.client(i)["x"] @ np.asarray(params["hidden"]["kernel"]) + np.asarray(params["hidden"]["bias"])
+         for i in range(len(sizes))]
+    mean = np.stack([(1 - MOMENTUM) * hi.mean(0) for hi in h])
+    var = np.stack([MOMENTUM + (1 - MOMENTUM) * hi.var(0) for hi in h])
+    np.testing.assert_allclose(stats["masked"]["mean"], (w * mean).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["masked"]["var"], (w * var).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(stats["plain"]["mean"], (w * mean).sum(0) / w.sum(), rtol=1e-3)

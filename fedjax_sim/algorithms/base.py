@@ -106,8 +106,10 @@ class Problem(NamedTuple):
         state = self.model_state
         if self.stats is not None:
             state = merge(state, self.stats.value)
+        # Models that can leave padding slots out of batch statistics are told which they are.
+        extra = {"batch_mask": mask} if self.model.takes_batch_mask else {}
         outputs, new_state = self.model.apply(params, state, batch[self.input_key],
-                                              train=True, rng=rng)
+                                              train=True, rng=rng, **extra)
         sums = self.task.masked_sums(outputs, batch[self.task.label_key], mask)
         if self.stats is not None:
             names = set(self.model.stats)

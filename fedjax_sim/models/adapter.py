@@ -22,6 +22,7 @@ shape; the pytrees are nested dicts of arrays, so they checkpoint and print plai
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -69,6 +70,8 @@ class Model:
         with the stored statistics and leaves them unchanged (BatchNorm in inference mode,
         dropout still on); None if the model cannot do that.
       head_split: the model as backbone features and an output head (`HeadSplit`), or None.
+      takes_batch_mask: `apply` accepts `batch_mask=` ([B] bool, the batch's real examples)
+        in training mode, so batch statistics leave out padding slots (MaskedBatchNorm).
     """
 
     init: Callable[[jax.Array], tuple[PyTree, PyTree]]
@@ -78,9 +81,33 @@ class Model:
     stats: tuple[str, ...] = ()
     freeze_stats: Callable[[], "Model"] | None = None
     head_split: HeadSplit | None = None
+    takes_batch_mask: bool = False
 
     def num_params(self, params: PyTree) -> int:
         return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+# The real examples of the batch a training-mode `apply` is running ([B] bool), for the
+# MaskedBatchNorm layers inside it; None outside such a call.
+_BATCH_MASK: contextvars.ContextVar = contextvars.ContextVar("fedjax_sim_batch_mask",
+                                                             default=None)
+
+
+class MaskedBatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` whose batch statistics count only a batch's real examples.
+
+    The engine pads a client's last batch to the fixed batch size (padding slots copy the
+    client's first example and are masked out of the loss); a plain BatchNorm's training
+    statistics would count them. Inside a `from_nnx` model's training-mode `apply` with
+    `batch_mask`, this layer takes the mask over the batch axis; anywhere else it is
+    `nnx.BatchNorm`. The zoo's ResNets use it.
+    """
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        batch_mask = _BATCH_MASK.get()
+        if mask is None and batch_mask is not None:
+            mask = batch_mask.reshape(batch_mask.shape + (1,) * (x.ndim - 1))
+        return super().__call__(x, use_running_average, mask=mask)
 
 
 def from_nnx(
@@ -98,6 +125,9 @@ def from_nnx(
     `train()`/`eval()` switch selects dropout/BatchNorm behaviour, and in training mode
     every RNG stream is reseeded from the `rng` passed to `apply`, so randomness is
     explicit and per client, per step. `nnx.BatchStat` variables are the model's `stats`.
+
+    Its `apply` takes `batch_mask` ([B] bool) in training mode and hands it to the module's
+    `MaskedBatchNorm` layers, so their batch statistics leave out padding slots.
 
     `head`: the names of the module's output-head attributes (e.g. ('fc',)), for a module
     that computes `self.head(self.features(x))` with methods `features` and `head`; it
@@ -148,9 +178,14 @@ def _nnx_model(make_module, input_shape, trainable, graphdef, params_template, s
     def new_state(module):
         return nnx.to_pure_dict(nnx.split(module, trainable, ...)[2])
 
-    def apply(params, state, x, *, train: bool = False, rng: jax.Array | None = None):
+    def apply(params, state, x, *, train: bool = False, rng: jax.Array | None = None,
+              batch_mask: jax.Array | None = None):
         module = build(params, state, train, rng)
-        out = module(x)
+        token = _BATCH_MASK.set(batch_mask if train else None)
+        try:
+            out = module(x)
+        finally:
+            _BATCH_MASK.reset(token)
         return out, new_state(module)
 
     head_split = None
@@ -172,7 +207,8 @@ def _nnx_model(make_module, input_shape, trainable, graphdef, params_template, s
 
     return Model(init=init, apply=apply, input_shape=tuple(input_shape),
                  name=name if not frozen_stats else f"{name}[frozen stats]",
-                 stats=stat_names, freeze_stats=freeze_stats, head_split=head_split)
+                 stats=stat_names, freeze_stats=freeze_stats, head_split=head_split,
+                 takes_batch_mask=True)
 
 
 def _fixed_backbone(abstract: nnx.Module, head: tuple[str, ...], frozen_stats: bool) -> bool:

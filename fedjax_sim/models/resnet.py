@@ -26,7 +26,9 @@ Normalization (`norm`): 'batch' is BatchNorm with PyTorch's defaults (epsilon 1e
 running statistics updated as `0.9 * running + 0.1 * batch`, i.e. PyTorch momentum 0.1;
 eval mode normalizes with the running statistics). One difference remains: the running
 variance is updated with the biased batch variance (PyTorch uses the unbiased one; the
-normalization itself uses the biased one in both). 'group' is GroupNorm of `groups`
+normalization itself uses the biased one in both). In federated training the batch
+statistics count a batch's real examples only, not its padding slots (MaskedBatchNorm).
+'group' is GroupNorm of `groups`
 groups (2 by default, the FL ResNet-18 of Reddi et al. 2021, "Adaptive Federated
 Optimization"; Hsieh et al. 2020 show BatchNorm's running statistics suffer under
 non-IID clients), epsilon 1e-5; 'none' is the identity. A training-mode `apply` returns
@@ -71,7 +73,7 @@ from flax import nnx
 from jax import lax
 
 from fedjax_sim.errors import UserError
-from fedjax_sim.models.adapter import Model, from_nnx
+from fedjax_sim.models.adapter import MaskedBatchNorm, Model, from_nnx
 from fedjax_sim.models.conv import conv_function
 from fedjax_sim.models.dense import dense_function
 
@@ -124,8 +126,8 @@ class _Layers:
 
     def norm_layer(self, channels: int) -> nnx.Module:
         if self.norm == "batch":
-            return nnx.BatchNorm(channels, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
-                                 use_fast_variance=False, rngs=self.rngs)
+            return MaskedBatchNorm(channels, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
+                                   use_fast_variance=False, rngs=self.rngs)
         if self.norm == "group":
             return nnx.GroupNorm(channels, num_groups=self.groups, epsilon=NORM_EPSILON,
                                  use_fast_variance=False, rngs=self.rngs)

@@ -118,9 +118,10 @@ def _frozen_model(model: Model, trainable: Selector, keep, given_params, given_s
         train_part, frozen = split(full, keep)
         return train_part, {"frozen": frozen, "model": model_state}
 
-    def apply(params, state, x, *, train=False, rng=None):
+    def apply(params, state, x, *, train=False, rng=None, batch_mask=None):
         full = merge(params, state["frozen"])
-        out, new_model_state = model.apply(full, state["model"], x, train=train, rng=rng)
+        extra = {"batch_mask": batch_mask} if batch_mask is not None else {}
+        out, new_model_state = model.apply(full, state["model"], x, train=train, rng=rng, **extra)
         return out, {"frozen": state["frozen"], "model": new_model_state}
 
     freeze_stats = None
@@ -143,7 +144,7 @@ def _frozen_model(model: Model, trainable: Selector, keep, given_params, given_s
     name = model.name if trainable == "all" else f"{model.name}[trainable={trainable}]"
     return Model(init=init, apply=apply, input_shape=model.input_shape, name=name,
                  stats=tuple(f"model/{n}" for n in model.stats), freeze_stats=freeze_stats,
-                 head_split=head_split)
+                 head_split=head_split, takes_batch_mask=model.takes_batch_mask)
 
 
 def count_parameters(model: Model, params: PyTree = None, state: PyTree = None) -> ParameterCount:
