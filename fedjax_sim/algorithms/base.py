@@ -28,7 +28,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
-from fedjax_sim.trees import merge, split
+from fedjax_sim.trees import merge
 
 PyTree = Any
 
@@ -112,8 +112,7 @@ class Problem(NamedTuple):
                                               train=True, rng=rng, **extra)
         sums = self.task.masked_sums(outputs, batch[self.task.label_key], mask)
         if self.stats is not None:
-            names = set(self.model.stats)
-            sums[STATS_KEY] = split(new_state, lambda n: n in names)[0]
+            sums[STATS_KEY] = self.model.stats_of(new_state)
         return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
     def gradient(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):

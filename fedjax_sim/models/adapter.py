@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_sim.errors import UserError
-from fedjax_sim.trees import path_names, under
+from fedjax_sim.trees import path_names, split, under
 
 PyTree = Any
 
@@ -85,6 +85,11 @@ class Model:
 
     def num_params(self, params: PyTree) -> int:
         return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+    def stats_of(self, state: PyTree) -> dict:
+        """The running statistics (`stats`) of `state`, in its nesting."""
+        names = set(self.stats)
+        return split(state, lambda n: n in names)[0]
 
 
 # The real examples of the batch a training-mode `apply` is running ([B] bool), for the

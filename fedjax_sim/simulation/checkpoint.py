@@ -98,8 +98,6 @@ def from_host(template: PyTree, host: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-
-
 def tree_spec(host: PyTree) -> list[list]:
     """[path, shape, dtype] of every leaf, in order: what a checkpoint must match."""
     flat, _ = jax.tree_util.tree_flatten_with_path(host)

@@ -39,7 +39,7 @@ from fedjax_sim.simulation.checkpoint import (CheckpointOptions, RunCheckpoints,
 from fedjax_sim.simulation.evaluation import (CentralEvaluator, ClientEvaluator, FineTune,
                                               summarize_clients)
 from fedjax_sim.simulation.private import PrivatePlan, warn_stop
-from fedjax_sim.trees import merge, path_names, split, under
+from fedjax_sim.trees import merge, path_names, under
 
 PyTree = Any
 # On CPU, local loops of at most this many steps are fully unrolled by default.
@@ -383,6 +383,7 @@ def simulate(
     if isinstance(preprocess, Preprocess):
         preprocess.check(tuple(train_data.features[input_key].shape[1:]))
     batch_norm = _batch_norm_mode(batch_norm, model, privacy)
+    _check_feature_cache(feature_cache)
     if batch_norm == "frozen":
         model = model.freeze_stats()
     heldout = _heldout_parts(heldout_data, train_data)
@@ -390,12 +391,6 @@ def simulate(
         raise UserError("finetune= evaluates each client after fine-tuning on its own data; it "
                         "needs client_eval_data (per-client test splits, e.g. from "
                         "clients.split(0.2, seed=0)) or heldout_data=(train split, test split)")
-    if batch_norm == "local":
-        algorithm = LocalStatistics(algorithm, None)  # the statistics are filled in below
-    if not algorithm.global_model and client_eval_data is None:
-        warnings.warn(f"{type(algorithm).__name__} has no global model to test and no "
-                      f"client_eval_data was given, so nothing will be evaluated; pass "
-                      f"client_eval_data to evaluate each client's personal model", stacklevel=2)
     plan = None
     if privacy is not None:
         plan = PrivatePlan(privacy, algorithm=algorithm, aggregator=aggregator,
@@ -415,12 +410,13 @@ def simulate(
     root = jax.random.key(seed)
     params, model_state = model.init(jax.random.fold_in(root, INIT_STREAM))
     stats_mode = batch_norm if batch_norm in ("averaged", "local") else None
-    stats = None
-    if stats_mode is not None:
-        names = set(model.stats)
-        stats = split(model_state, lambda n: n in names)[0]
+    stats = model.stats_of(model_state) if stats_mode is not None else None
     if batch_norm == "local":
-        algorithm = dataclasses.replace(algorithm, initial=stats)
+        algorithm = LocalStatistics(algorithm, stats)
+    if not algorithm.global_model and client_eval_data is None:
+        warnings.warn(f"{type(algorithm).__name__} has no global model to test and no "
+                      f"client_eval_data was given, so nothing will be evaluated; pass "
+                      f"client_eval_data to evaluate each client's personal model", stacklevel=2)
     cache_info = None
     if _use_feature_cache(feature_cache, model, params, preprocess):
         t_cache = time.perf_counter()
@@ -739,9 +735,12 @@ def _feature_cache_blocker(model: Model, params, preprocess) -> str | None:
     return None
 
 
-def _use_feature_cache(feature_cache, model: Model, params, preprocess) -> bool:
+def _check_feature_cache(feature_cache) -> None:
     if feature_cache not in ("auto", True, False):
         raise UserError(f"feature_cache must be 'auto', True or False, got {feature_cache!r}")
+
+
+def _use_feature_cache(feature_cache, model: Model, params, preprocess) -> bool:
     if feature_cache is False:
         return False
     reason = _feature_cache_blocker(model, params, preprocess)
