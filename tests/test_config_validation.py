@@ -405,7 +405,7 @@ def test_validation_loads_no_data_and_compiles_nothing(monkeypatch):
     import jax
 
     import fedjax_sim.data as fdata
-    from fedjax_sim.data import builtin
+    from fedjax_sim.data.sources import builtin
 
     def forbidden(*args, **kwargs):
         raise AssertionError("validate_config must not load data or compile")

@@ -1,4 +1,5 @@
-"""Tests for fedjax_sim.data.files and fedjax_sim.data.text: on-disk federated datasets.
+"""Tests for fedjax_sim.data.sources.tff_h5 / .leaf and fedjax_sim.data.text: on-disk
+federated datasets.
 
 Every test writes small files in the real layouts (TFF HDF5 examples/<client>/<feature>,
 LEAF JSON users / num_samples / user_data) with h5py / json, then compares what the
@@ -15,7 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fedjax_sim.data import files, text
+from fedjax_sim.data import text
+from fedjax_sim.data.sources import leaf, tff_h5
 from fedjax_sim.errors import UserError
 
 # Ids by hand from the vocabulary: 0 PAD, 1 OOV, 2 BOS, 3 EOS, 4 space, 5 newline,
@@ -155,7 +157,7 @@ def test_load_tff_h5_generic(tmp_path):
                "label": np.array([6], np.int32), "s": np.array(["z"])},
     }
     path = write_tff(tmp_path / "d.h5", written)
-    data = files.load_tff_h5(path)
+    data = tff_h5.load_tff_h5(path)
     assert data.client_ids == ("a", "b", "c10", "c2")
     assert set(data.features) == {"f", "label", "s"}
     np.testing.assert_array_equal(data.client_sizes, [2, 3, 0, 1])
@@ -165,7 +167,7 @@ def test_load_tff_h5_generic(tmp_path):
         assert got["f"].dtype == np.float32
         np.testing.assert_array_equal(got["label"], written[cid]["label"])
         assert got["s"].dtype == object and got["s"].tolist() == written[cid]["s"].tolist()
-    only = files.load_tff_h5(path, ["label"], drop_empty=True)
+    only = tff_h5.load_tff_h5(path, ["label"], drop_empty=True)
     assert set(only.features) == {"label"} and only.client_ids == ("a", "b", "c2")
 
 
@@ -176,7 +178,7 @@ def test_tff_emnist_train_test(tmp_path):
     strip = lambda cl: {c: {k: v for k, v in d.items() if k != "k"} for c, d in cl.items()}
     train_path = write_tff(tmp_path / "fed_emnist_train.h5", strip(train_w))
     test_path = write_tff(tmp_path / "fed_emnist_test.h5", strip(test_w))
-    train, test, info = files.tff_emnist(train_path, test_path)
+    train, test, info = tff_h5.tff_emnist(train_path, test_path)
     assert train.client_ids == test.client_ids == ("f0001", "f0002", "f0010")
     for data, written in ((train, train_w), (test, test_w)):
         assert data.features["x"].dtype == np.uint8 and data.features["y"].dtype == np.int32
@@ -186,12 +188,12 @@ def test_tff_emnist_train_test(tmp_path):
             np.testing.assert_array_equal(got["y"], written[cid]["label"])
     assert info["num_classes"] == 62 and info["input_shape"] == (28, 28, 1)
     assert info["source_files"] == {"train": [train_path], "test": [test_path]}
-    train_only, none, _ = files.tff_emnist(train_path)
+    train_only, none, _ = tff_h5.tff_emnist(train_path)
     assert none is None and train_only.num_examples == 9
 
     digits = emnist_clients(rng, {"a": 2}, num_classes=10)
     dpath = write_tff(tmp_path / "digits.h5", strip(digits))
-    train, _, info = files.tff_emnist(dpath, only_digits=True)
+    train, _, info = tff_h5.tff_emnist(dpath, only_digits=True)
     assert info["num_classes"] == 10
     np.testing.assert_array_equal(train.features["y"], digits["a"]["label"])
 
@@ -209,7 +211,7 @@ def test_tff_cifar100(tmp_path):
     train_path = write_tff(tmp_path / "fed_cifar100_train.h5", train_w)
     test_path = write_tff(tmp_path / "fed_cifar100_test.h5", test_w)
     for label, k in (("label", 100), ("coarse_label", 20)):
-        train, test, info = files.tff_cifar100(train_path, test_path, label=label)
+        train, test, info = tff_h5.tff_cifar100(train_path, test_path, label=label)
         assert train.client_ids == ("12", "3", "7") and test.client_ids == ("0", "1")
         assert info["num_classes"] == k and info["input_shape"] == (32, 32, 3)
         for data, written in ((train, train_w), (test, test_w)):
@@ -218,7 +220,7 @@ def test_tff_cifar100(tmp_path):
                 np.testing.assert_array_equal(data.client(i)["y"], written[cid][label])
                 assert data.features["y"].dtype == np.int32
     with pytest.raises(UserError, match="label must be one of"):
-        files.tff_cifar100(train_path, label="fine")
+        tff_h5.tff_cifar100(train_path, label="fine")
 
 
 def test_tff_shakespeare_by_hand(tmp_path):
@@ -231,7 +233,7 @@ def test_tff_shakespeare_by_hand(tmp_path):
         "ROLE_B": {"snippets": np.array(["a"])},
         "ROLE_A": {"snippets": np.array(["b"])},
     })
-    train, test, info = files.tff_shakespeare(train_path, test_path, seq_len=3)
+    train, test, info = tff_h5.tff_shakespeare(train_path, test_path, seq_len=3)
     assert train.client_ids == test.client_ids == ("ROLE_A", "ROLE_B")
     # ROLE_A "abab" -> [BOS a b a | b EOS 0 0]; ROLE_B "ab" -> [BOS a b EOS], "ba" -> [BOS b a EOS].
     np.testing.assert_array_equal(train.client_sizes, [2, 2])
@@ -269,7 +271,7 @@ def test_leaf_femnist_directory(tmp_path):
     f2 = write_leaf(tmp_path / "train" / "all_1.json", {"f_02": train_w["f_02"][1:]})
     (tmp_path / "train" / "README.txt").write_text("not data")
     t1 = write_leaf(tmp_path / "test" / "all_0.json", {u: test_w[u][1:] for u in test_w})
-    train, test, info = files.leaf_femnist(tmp_path / "train", tmp_path / "test")
+    train, test, info = leaf.leaf_femnist(tmp_path / "train", tmp_path / "test")
     assert train.client_ids == test.client_ids == ("f_01", "f_02", "f_03")
     for data, written in ((train, train_w), (test, test_w)):
         for i, uid in enumerate(data.client_ids):
@@ -281,7 +283,7 @@ def test_leaf_femnist_directory(tmp_path):
     assert info["num_classes"] == 62
     assert info["source_files"] == {"train": [f1, f2], "test": [t1]}
     # A single file works as well.
-    one, _, _ = files.leaf_femnist(f2)
+    one, _, _ = leaf.leaf_femnist(f2)
     assert one.client_ids == ("f_02",)
 
 
@@ -291,24 +293,24 @@ def test_load_leaf_generic(tmp_path):
         "u1": ([[0.5, -1.0]], [2]),
         "u0": ([], []),
     })
-    data = files.load_leaf(path, num_classes=3)
+    data = leaf.load_leaf(path, num_classes=3)
     assert data.client_ids == ("u0", "u1", "u2")
     np.testing.assert_array_equal(data.client_sizes, [0, 1, 2])
     np.testing.assert_array_equal(data.features["x"], [[0.5, -1.0], [1.5, 2.0], [3.0, 4.0]])
     np.testing.assert_array_equal(data.features["y"], [2, 1, 0])
     assert data.features["x"].dtype == np.float32 and data.features["y"].dtype == np.int32
-    assert files.load_leaf(path, drop_empty=True).client_ids == ("u1", "u2")
+    assert leaf.load_leaf(path, drop_empty=True).client_ids == ("u1", "u2")
     # Raw (Sent140-style) inputs through x_fn.
     raw = write_leaf(tmp_path / "raw.json", {"b": (["hi there", "yo"], [1, 0]),
                                              "a": (["one two three"], [1])})
-    data = files.load_leaf(raw, x_fn=lambda xs: np.array([len(s.split()) for s in xs]))
+    data = leaf.load_leaf(raw, x_fn=lambda xs: np.array([len(s.split()) for s in xs]))
     np.testing.assert_array_equal(data.features["x"], [3, 2, 1])
     np.testing.assert_array_equal(data.features["y"], [1, 1, 0])
     with pytest.raises(UserError) as err:
-        files.load_leaf(raw)
+        leaf.load_leaf(raw)
     assert_one_line(err, raw, "user 'b'", "'x'", "not numbers", "x_fn")
     with pytest.raises(UserError) as err:
-        files.load_leaf(path, num_classes=2)
+        leaf.load_leaf(path, num_classes=2)
     assert_one_line(err, path, "'u1'", "label 2 outside [0, 2)")
 
 
@@ -319,7 +321,7 @@ def test_leaf_shakespeare(tmp_path):
         "FOOL": (["ab"], ["c"]),
     })
     test_path = write_leaf(tmp_path / "test.json", {"KING": (["dcba"], ["a"]), "FOOL": ([], [])})
-    train, test, info = files.leaf_shakespeare(train_path, test_path, seq_len=4)
+    train, test, info = leaf.leaf_shakespeare(train_path, test_path, seq_len=4)
     assert train.client_ids == test.client_ids == ("FOOL", "KING")
     np.testing.assert_array_equal(train.client(0)["x"], [[c["a"], c["b"], PAD, PAD]])
     np.testing.assert_array_equal(train.client(0)["y"], [[c["b"], c["c"], PAD, PAD]])
@@ -332,7 +334,7 @@ def test_leaf_shakespeare(tmp_path):
     assert test.features["x"].shape == (1, 4) and info["seq_len"] == 4
     bad = write_leaf(tmp_path / "bad.json", {"KING": (["abcd"], ["ef"])})
     with pytest.raises(UserError) as err:
-        files.leaf_shakespeare(bad)
+        leaf.leaf_shakespeare(bad)
     assert_one_line(err, bad, "'KING'", "'y'", "not a single character")
 
 
@@ -346,9 +348,9 @@ def test_empty_training_client(tmp_path):
     train_path = write_tff(tmp_path / "train.h5", strip)
     test_path = write_tff(tmp_path / "test.h5", strip)
     with pytest.raises(UserError) as err:
-        files.tff_emnist(train_path, test_path)
+        tff_h5.tff_emnist(train_path, test_path)
     assert_one_line(err, train_path, "'b'", "no examples", "drop_empty=True")
-    train, test, _ = files.tff_emnist(train_path, test_path, drop_empty=True)
+    train, test, _ = tff_h5.tff_emnist(train_path, test_path, drop_empty=True)
     assert train.client_ids == test.client_ids == ("a", "c")
     np.testing.assert_array_equal(train.client(1)["y"], written["c"]["label"])
 
@@ -357,29 +359,29 @@ def test_empty_training_client(tmp_path):
     write_leaf(leaf_dir / "0.json", {"u1": ([[0.0] * 784], [3])})
     empty_file = write_leaf(leaf_dir / "1.json", {"u0": ([], [])})
     with pytest.raises(UserError) as err:
-        files.leaf_femnist(leaf_dir)
+        leaf.leaf_femnist(leaf_dir)
     assert_one_line(err, empty_file, "'u0'", "no examples", "drop_empty=True")
-    train, _, _ = files.leaf_femnist(leaf_dir, drop_empty=True)
+    train, _, _ = leaf.leaf_femnist(leaf_dir, drop_empty=True)
     assert train.client_ids == ("u1",)
 
 
 def test_tff_file_errors(tmp_path):
     missing = str(tmp_path / "nope.h5")
     with pytest.raises(UserError) as err:
-        files.load_tff_h5(missing)
+        tff_h5.load_tff_h5(missing)
     assert_one_line(err, missing, "no such file")
 
     text_file = tmp_path / "text.h5"
     text_file.write_text("hello")
     with pytest.raises(UserError) as err:
-        files.tff_emnist(text_file)
+        tff_h5.tff_emnist(text_file)
     assert_one_line(err, str(text_file), "not an HDF5 file")
 
     flat = str(tmp_path / "flat.h5")
     with h5py.File(flat, "w") as f:
         f.create_dataset("pixels", data=np.zeros((2, 28, 28), np.float32))
     with pytest.raises(UserError) as err:
-        files.tff_emnist(flat)
+        tff_h5.tff_emnist(flat)
     assert_one_line(err, flat, "no 'examples' group")
 
     rng = np.random.default_rng(5)
@@ -388,13 +390,13 @@ def test_tff_file_errors(tmp_path):
         "a": {"pixels": good["a"]["pixels"], "label": good["a"]["label"]},
         "b": {"pixels": good["b"]["pixels"]}})
     with pytest.raises(UserError) as err:
-        files.tff_emnist(no_label)
+        tff_h5.tff_emnist(no_label)
     assert_one_line(err, no_label, "client 'b'", "no feature 'label'")
 
     ragged = write_tff(tmp_path / "ragged.h5", {
         "a": {"pixels": good["a"]["pixels"], "label": good["a"]["label"][:1]}})
     with pytest.raises(UserError) as err:
-        files.load_tff_h5(ragged)
+        tff_h5.load_tff_h5(ragged)
     assert_one_line(err, ragged, "client 'a'", "different lengths")
 
     for labels, kwargs, bound in (([0, -1], {}, "[0, 62)"), ([0, 62], {}, "[0, 62)"),
@@ -402,13 +404,13 @@ def test_tff_file_errors(tmp_path):
         path = write_tff(tmp_path / "labels.h5", {
             "a": {"pixels": good["a"]["pixels"], "label": np.array(labels, np.int32)}})
         with pytest.raises(UserError) as err:
-            files.tff_emnist(path, **kwargs)
+            tff_h5.tff_emnist(path, **kwargs)
         assert_one_line(err, path, "client 'a'", bound)
 
     scaled = write_tff(tmp_path / "scaled.h5", {
         "a": {"pixels": good["a"]["pixels"] * 255, "label": good["a"]["label"]}})
     with pytest.raises(UserError) as err:
-        files.tff_emnist(scaled)
+        tff_h5.tff_emnist(scaled)
     assert_one_line(err, scaled, "client 'a'", "'pixels'", "outside [0, 1]")
 
 
@@ -443,26 +445,26 @@ def leaf_doc(path, doc) -> str:
 def test_leaf_json_errors(tmp_path, doc, parts):
     path = leaf_doc(tmp_path / "bad.json", doc)
     with pytest.raises(UserError) as err:
-        files.leaf_femnist(path)
+        leaf.leaf_femnist(path)
     assert_one_line(err, path, *parts)
 
 
 def test_leaf_file_errors(tmp_path):
     missing = str(tmp_path / "train")
     with pytest.raises(UserError) as err:
-        files.leaf_femnist(missing)
+        leaf.leaf_femnist(missing)
     assert_one_line(err, missing, "no such file")
 
     not_json = tmp_path / "x.json"
     not_json.write_text("{'users': [")
     with pytest.raises(UserError) as err:
-        files.load_leaf(not_json)
+        leaf.load_leaf(not_json)
     assert_one_line(err, str(not_json), "not valid JSON")
 
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     with pytest.raises(UserError) as err:
-        files.load_leaf(empty_dir)
+        leaf.load_leaf(empty_dir)
     assert_one_line(err, str(empty_dir), "no .json files")
 
     split = tmp_path / "split"
@@ -470,5 +472,5 @@ def test_leaf_file_errors(tmp_path):
     first = write_leaf(split / "a.json", {"u": ([[0.0]], [0])})
     second = write_leaf(split / "b.json", {"u": ([[1.0]], [1])})
     with pytest.raises(UserError) as err:
-        files.load_leaf(split)
+        leaf.load_leaf(split)
     assert_one_line(err, second, "'u'", "appears twice", os.path.basename(first))

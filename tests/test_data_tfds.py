@@ -1,4 +1,4 @@
-"""Tests for fedjax_sim.data.tfds_source: TFDS image datasets read without TensorFlow.
+"""Tests for fedjax_sim.data.sources.tfds: TFDS image datasets read without TensorFlow.
 
 Nothing here touches the network. Two offline set-ups stand in for a downloaded dataset:
 
@@ -27,7 +27,7 @@ tfds_lib = pytest.importorskip("tensorflow_datasets")
 from tensorflow_datasets.testing import mocking  # noqa: E402
 
 from fedjax_sim.data import FederatedData  # noqa: E402
-from fedjax_sim.data.tfds_source import load_tfds, tfds  # noqa: E402
+from fedjax_sim.data.sources.tfds import load_tfds, tfds  # noqa: E402
 from fedjax_sim.errors import UserError  # noqa: E402
 
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"

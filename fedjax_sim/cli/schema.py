@@ -39,7 +39,7 @@ import optax
 from fedjax_sim.aggregators.dp import count_noise_stddev, split_noise_multiplier
 from fedjax_sim.algorithms import base as algorithm_base
 from fedjax_sim.algorithms import ditto, fedavg, fednova, fedper, fedprox, scaffold
-from fedjax_sim.data.builtin import synthetic as _synthetic
+from fedjax_sim.data.sources.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import tasks, zoo

@@ -3,18 +3,8 @@ natural per-user datasets, and on-device preprocessing."""
 
 from fedjax_sim.data import text
 from fedjax_sim.data.augment import Preprocess
-from fedjax_sim.data.builtin import load_diabetes, load_digits, synthetic
 from fedjax_sim.data.describe import describe, format_description, plot_description
 from fedjax_sim.data.federated_data import FederatedData
-from fedjax_sim.data.files import (
-    leaf_femnist,
-    leaf_shakespeare,
-    load_leaf,
-    load_tff_h5,
-    tff_cifar100,
-    tff_emnist,
-    tff_shakespeare,
-)
 from fedjax_sim.data.partition import (
     PARTITIONERS,
     dirichlet,
@@ -25,7 +15,15 @@ from fedjax_sim.data.partition import (
     quantity_skew,
     shards,
 )
-from fedjax_sim.data.tfds_source import load_tfds, tfds
+from fedjax_sim.data.sources.builtin import load_diabetes, load_digits, synthetic
+from fedjax_sim.data.sources.leaf import leaf_femnist, leaf_shakespeare, load_leaf
+from fedjax_sim.data.sources.tfds import load_tfds, tfds
+from fedjax_sim.data.sources.tff_h5 import (
+    load_tff_h5,
+    tff_cifar100,
+    tff_emnist,
+    tff_shakespeare,
+)
 
 __all__ = [
     "FederatedData",
