@@ -414,6 +414,64 @@ def test_tff_file_errors(tmp_path):
     assert_one_line(err, scaled, "client 'a'", "'pixels'", "outside [0, 1]")
 
 
+def overwrite(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def emnist_file(tmp_path, name: str, gzip: bool = False) -> str:
+    """A TFF EMNIST file of clients f0000, f0001; with gzip, every dataset compressed in
+    chunks."""
+    rng = np.random.default_rng(6)
+    clients = emnist_clients(rng, {"f0000": 3, "f0001": 2})
+    path = str(tmp_path / name)
+    with h5py.File(path, "w") as f:
+        for cid, feats in clients.items():
+            for feature in ("pixels", "label"):
+                options = {"compression": "gzip", "chunks": True} if gzip else {}
+                f.create_dataset(f"examples/{cid}/{feature}", data=feats[feature], **options)
+    return path
+
+
+def assert_damaged(path: str, reading: str, *parts: str) -> None:
+    """Both loaders stop with one line naming the file, what was read and the fix."""
+    h5py.File(path, "r").close()  # the damage does not show when the file is opened
+    for load in (tff_h5.tff_emnist, tff_h5.load_tff_h5):
+        with pytest.raises(UserError) as err:
+            load(path)
+        assert err.type is UserError
+        assert_one_line(err, f"{path} is damaged (reading {reading}: ", "); download it again",
+                        *parts)
+
+
+def test_damaged_group_metadata(tmp_path):
+    # A client group's object header: opening that client fails.
+    path = emnist_file(tmp_path, "fed_emnist_train.h5")
+    with h5py.File(path, "r") as f:
+        header = h5py.h5o.get_info(f["examples/f0001"].id).addr
+    overwrite(path, header, b"\xff" * 8)
+    assert_damaged(path, "examples/f0001", "object header")
+
+    # The B-tree that indexes the clients (written right after the group's object
+    # header): listing the clients fails.
+    path = emnist_file(tmp_path, "fed_emnist_test.h5")
+    with h5py.File(path, "r") as f:
+        header = h5py.h5o.get_info(f["examples"].id).addr
+    with open(path, "rb") as f:
+        tree = f.read().index(b"TREE", header)
+    overwrite(path, tree, b"XXXX")
+    assert_damaged(path, "the list of clients in examples/", "B-tree")
+
+
+def test_damaged_gzip_chunk(tmp_path):
+    path = emnist_file(tmp_path, "fed_emnist_train.h5", gzip=True)
+    with h5py.File(path, "r") as f:
+        chunk = f["examples/f0001/pixels"].id.get_chunk_info(0)
+    overwrite(path, chunk.byte_offset, b"\xff" * chunk.size)
+    assert_damaged(path, "examples/f0001/pixels", "filter returned failure during read")
+
+
 def leaf_doc(path, doc) -> str:
     with open(path, "w") as f:
         json.dump(doc, f)

@@ -14,12 +14,18 @@ One dataset per client and feature (e.g. fed_emnist_train.h5),
 `load_tff_h5` reads any such file into one `FederatedData`, features under their names in
 the file. `tff_emnist`, `tff_shakespeare` and `tff_cifar100` return `(train, test, info)`
 as described in `fedjax_sim.data.sources`.
+
+A damaged file (a broken group or dataset header, a compressed chunk that does not
+decompress) raises `UserError` naming the file and the object being read, whenever the
+damage shows: while listing the clients, opening a client or reading its arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Mapping, Sequence
+import re
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +45,35 @@ Converter = Callable[[np.ndarray], np.ndarray]
 EMNIST_DIGITS = 10
 CIFAR100_CLASSES = {"label": 100, "coarse_label": 20}
 CIFAR_SHAPE = (32, 32, 3)
+_LAYOUT = "TFF files store one dataset per client at examples/<client_id>/<feature>"
+
+# What h5py raises when the HDF5 library fails to read a damaged file: KeyError for an
+# object it cannot open, RuntimeError for a group it cannot list, OSError for data it
+# cannot read (a chunk whose filter fails). UserError, a ValueError, is not among them,
+# so the reader's own errors pass through unchanged.
+_H5_ERRORS = (OSError, RuntimeError, KeyError)
+
+
+def _h5_reason(error: BaseException) -> str:
+    """The HDF5 library's own reason, e.g. 'filter returned failure during read' of
+    "Can't synchronously read data (filter returned failure during read)"."""
+    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    lines = message.strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    inner = re.search(r"\(([^()]+)\)\s*$", first)
+    return inner.group(1) if inner else first
+
+
+@contextlib.contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+    """Turns h5py's errors while reading `what` from `path` into a one-line UserError."""
+    try:
+        yield
+    except _H5_ERRORS as e:
+        raise UserError(
+            f"{path} is damaged (reading {what}: {_h5_reason(e)}); download it again"
+        ) from None
+
 
 def _read_tff(path: PathLike, features: Sequence[str] | None,
               convert: Mapping[str, Converter] | None = None) -> FederatedData:
@@ -62,23 +97,12 @@ def _read_tff(path: PathLike, features: Sequence[str] | None,
     except OSError as e:
         raise UserError(f"{path}: cannot be opened as HDF5 ({e}); check the file") from None
     with handle:
-        examples = handle.get("examples")
-        if not isinstance(examples, h5py.Group):
-            raise UserError(
-                f"{path}: no 'examples' group (top level has {sorted(handle)[:5]}); TFF "
-                f"files store one dataset per client at examples/<client_id>/<feature>")
-        ids = sorted(examples)
-        if not ids:
-            raise UserError(f"{path}: the 'examples' group has no clients; check the file")
-        groups = []
-        for cid in ids:
-            group = examples[cid]
-            if not isinstance(group, h5py.Group):
-                raise UserError(
-                    f"{path}: examples/{cid} is a dataset, not a client group; TFF files "
-                    f"store one dataset per client at examples/<client_id>/<feature>")
-            groups.append(group)
-        names = list(features) if features is not None else sorted(groups[0])
+        ids, groups = _client_groups(h5py, handle, path)
+        if features is not None:
+            names = list(features)
+        else:
+            with _reading(path, f"examples/{ids[0]}"):
+                names = sorted(groups[0])
         if not names:
             raise UserError(f"{path}: client {ids[0]!r} has no features; check the file")
 
@@ -89,14 +113,8 @@ def _read_tff(path: PathLike, features: Sequence[str] | None,
         dtypes: dict[str, list[np.dtype]] = {name: [] for name in names}
         is_string: dict[str, bool] = {}
         for i, (cid, group) in enumerate(zip(ids, groups)):
-            found = {}
-            for name in names:
-                dset = group.get(name)
-                if not isinstance(dset, h5py.Dataset):
-                    raise UserError(
-                        f"{path}: client {cid!r} has no feature {name!r} (examples/{cid}/"
-                        f"{name}); it has {sorted(group)}; check that this is the right file or "
-                        f"load only features every client has")
+            found = _client_datasets(h5py, path, cid, group, names)
+            for name, dset in found.items():
                 if not dset.shape:
                     raise UserError(
                         f"{path}: examples/{cid}/{name} is a scalar; every feature needs "
@@ -118,7 +136,6 @@ def _read_tff(path: PathLike, features: Sequence[str] | None,
                         f"{cid!r} but {first[0]} for client {first[1]!r}; every client's "
                         f"examples need the same shape")
                 dtypes[name].append(dset.dtype)
-                found[name] = dset
             lengths = {name: int(d.shape[0]) for name, d in found.items()}
             if len(set(lengths.values())) > 1:
                 raise UserError(
@@ -140,11 +157,12 @@ def _read_tff(path: PathLike, features: Sequence[str] | None,
             lo, hi = int(offsets[i]), int(offsets[i + 1])
             for name in names:
                 dset = datasets[i][name]
-                if name in direct:
-                    if hi > lo:
-                        dset.read_direct(out[name], dest_sel=np.s_[lo:hi])
-                    continue
-                value = _read_client(path, dset, cid, name, is_string[name])
+                with _reading(path, f"examples/{cid}/{name}"):
+                    if name in direct:
+                        if hi > lo:
+                            dset.read_direct(out[name], dest_sel=np.s_[lo:hi])
+                        continue
+                    value = _read_client(path, dset, cid, name, is_string[name])
                 if name in convert:
                     try:
                         value = convert[name](value)
@@ -155,6 +173,53 @@ def _read_tff(path: PathLike, features: Sequence[str] | None,
                     out[name] = np.empty((total,) + value.shape[1:], value.dtype)
                 out[name][lo:hi] = value
     return FederatedData(out, offsets, tuple(ids))
+
+
+def _client_groups(h5py: Any, handle: Any, path: str) -> tuple[list[str], list[Any]]:
+    """The client ids under examples/ in sorted order, and their groups."""
+    with _reading(path, "the file's top-level group"):
+        top = sorted(handle)
+    examples = _child(path, handle, "", "examples", h5py.Group) if "examples" in top else None
+    if examples is None:
+        raise UserError(
+            f"{path}: no 'examples' group (top level has {top[:5]}); {_LAYOUT}")
+    with _reading(path, "the list of clients in examples/"):
+        ids = sorted(examples)
+    if not ids:
+        raise UserError(f"{path}: the 'examples' group has no clients; check the file")
+    groups = []
+    for cid in ids:
+        group = _child(path, examples, "examples/", cid, h5py.Group)
+        if group is None:
+            raise UserError(
+                f"{path}: examples/{cid} is a dataset, not a client group; {_LAYOUT}")
+        groups.append(group)
+    return ids, groups
+
+
+def _client_datasets(h5py: Any, path: str, cid: str, group: Any,
+                     names: Sequence[str]) -> dict[str, Any]:
+    """One client's datasets of the features `names`, opened (headers read, no data)."""
+    with _reading(path, f"examples/{cid}"):
+        present = sorted(group)
+    found = {}
+    for name in names:
+        dset = (_child(path, group, f"examples/{cid}/", name, h5py.Dataset)
+                if name in present else None)
+        if dset is None:
+            raise UserError(
+                f"{path}: client {cid!r} has no feature {name!r} (examples/{cid}/{name}); "
+                f"it has {present}; check that this is the right file or load only "
+                f"features every client has")
+        found[name] = dset
+    return found
+
+
+def _child(path: str, parent: Any, where: str, name: str, kind: type) -> Any:
+    """`parent[name]` (at `where + name` in the file) if it is a `kind`, else None."""
+    with _reading(path, where + name):
+        child = parent[name]
+    return child if isinstance(child, kind) else None
 
 
 def _read_client(path: str, dset: Any, cid: str, name: str, string: bool) -> np.ndarray:
