@@ -40,7 +40,7 @@ from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule  # noqa: E
 from fedjax_sim.engine.client_states import HostClientStates, state_bytes  # noqa: E402
 from fedjax_sim.models import classification, get_model  # noqa: E402
 from fedjax_sim.simulation import EngineOptions, resolve_engine  # noqa: E402
-from fedjax_sim.simulation.loop import client_step_flops, has_convolution  # noqa: E402
+from fedjax_sim.engine.options import client_step_flops, has_convolution  # noqa: E402
 
 LR = 0.05
 PER_CLIENT = 10

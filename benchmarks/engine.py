@@ -39,7 +39,7 @@ from fedjax_sim.data import FederatedData
 from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
 from fedjax_sim.models import classification, get_model
 from fedjax_sim.simulation import EngineOptions, resolve_engine
-from fedjax_sim.simulation.loop import client_step_flops, has_convolution
+from fedjax_sim.engine.options import client_step_flops, has_convolution
 
 LR = 0.05
 

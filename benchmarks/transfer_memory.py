@@ -78,7 +78,7 @@ from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
 from fedjax_sim.models import classification
 from fedjax_sim.models.trainable import count_parameters
 from fedjax_sim.simulation import EngineOptions, resolve_engine
-from fedjax_sim.simulation.loop import has_convolution
+from fedjax_sim.engine.options import has_convolution
 
 LR = 0.05
 MOMENTUM = 0.9
@@ -122,7 +122,7 @@ def cached_head(width: int, num_classes: int, size: int):
     """What `simulate(feature_cache=...)` trains: the frozen model's head alone on its
     precomputed [8w] backbone features (same parameters as `fc`; the frozen backbone is
     still in the model's state, but unused, so jit drops it from the program's arguments)."""
-    from fedjax_sim.simulation.loop import _head_model
+    from fedjax_sim.simulation.feature_cache import head_model as _head_model
     return _head_model(build_model(width, num_classes, "head", size), (8 * width,))
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 import fedjax_sim as fs
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import from_nnx, with_trainable
-from fedjax_sim.simulation.loop import _batch_norm_mode
+from fedjax_sim.simulation.setup import batch_norm_mode as _batch_norm_mode
 
 MOMENTUM = 0.9  # flax convention: running = 0.9 * running + 0.1 * batch
 

@@ -16,7 +16,7 @@ from fedjax_sim.data.partition import PARTITIONERS
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import zoo
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.simulation.loop import EngineOptions
+from fedjax_sim.simulation import EngineOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

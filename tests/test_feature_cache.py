@@ -9,7 +9,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import with_trainable
-from fedjax_sim.simulation.loop import _feature_cache_blocker
+from fedjax_sim.simulation.feature_cache import feature_cache_blocker as _feature_cache_blocker
 
 
 def _digits_clients():

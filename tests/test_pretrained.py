@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.pretrained import LoadReport, load_pretrained, torchvision_name
 from fedjax_sim.simulation.checkpoint import export_params
-from fedjax_sim.simulation.loop import Result
+from fedjax_sim.simulation import Result
 
 # name -> channels of every BatchNorm in the tiny model
 BNS = {"bn1": 4, "layer1/0/bn1": 4, "layer2/0/bn1": 8, "layer2/0/downsample/1": 8}

@@ -15,33 +15,25 @@ logs each report's mean over those clients as a metric (names starting with `_` 
 logged). Within a `chain`, each finalizer also sees the metrics of the finalizers before
 it in `reports` (so `gaussian` reads the clip norm that `clip` used this round).
 
-An `AggregatorPart` is a triple of pure functions with explicit state, and `chain`
-composes parts: client transforms apply in order, finalizers in order on the sum. The
+An `AggregatorPart` (its contract: `fedjax_sim.engine.contracts`) is a triple of pure
+functions with explicit state, plus an optional `reduce` for parts that need every
+client's update at once (a median, a trimmed mean: the README shows one); `chain`
+composes parts: client transforms apply in order, then the reduction (the streaming
+weighted sum, or the chain's one reducing part), then the finalizers in order. The
 differentially private parts (`clip`, `adaptive_clip`, `gaussian`, `dp_fedavg`) are in
 `fedjax_sim.aggregators.dp`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+
+from fedjax_sim.engine.contracts import AggregatorPart, Cohort
+from fedjax_sim.errors import UserError
 
 PyTree = Any
-
-
-class AggregatorPart(NamedTuple):
-    """One stage of aggregation.
-
-    init(params) -> state
-    client(delta, state, rng) -> (delta, report: dict of per-client scalars)
-    finalize(total, denominator, reports, state, rng) -> (total, denominator, state, metrics)
-    """
-
-    init: Callable[[PyTree], PyTree]
-    client: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
-    finalize: Callable[[PyTree, jax.Array, PyTree, jax.Array], tuple[PyTree, jax.Array, PyTree, dict]]
 
 
 def _no_client(delta, state, rng):
@@ -60,16 +52,23 @@ def weighted_mean() -> AggregatorPart:
 
 
 def part(init: Callable | None = None, client: Callable | None = None,
-         finalize: Callable | None = None) -> AggregatorPart:
-    """Builds a part from whichever of the three functions it needs."""
+         finalize: Callable | None = None, reduce: Callable | None = None) -> AggregatorPart:
+    """Builds a part from whichever of its functions it needs (see AggregatorPart):
+    `reduce(cohort, state, rng) -> (total, denominator)` makes it see every client's
+    update (`Cohort`) instead of the streaming weighted sum."""
     return AggregatorPart(init or (lambda params: ()), client or _no_client,
-                          finalize or _no_finalize)
+                          finalize or _no_finalize, reduce)
 
 
 def chain(*parts: AggregatorPart) -> AggregatorPart:
-    """Composes parts: each client transform in order, then each finalizer in order."""
+    """Composes parts: each client transform in order, then the reduction (the chain's
+    reducing part, if any, else the streaming weighted sum), then each finalizer in order."""
     if not parts:
         return weighted_mean()
+    reducing = [i for i, p in enumerate(parts) if p.reduce is not None]
+    if len(reducing) > 1:
+        raise UserError(f"a chain may hold one part that reduces the cohort itself, got "
+                        f"{len(reducing)} (parts {reducing}); keep one of them")
 
     def init(params):
         return tuple(p.init(params) for p in parts)
@@ -91,16 +90,17 @@ def chain(*parts: AggregatorPart) -> AggregatorPart:
             seen.update(m)
         return total, denominator, tuple(new_state), metrics
 
-    return AggregatorPart(init, client, finalize)
+    reduce = None
+    if reducing:
+        i = reducing[0]
 
+        def reduce(cohort, state, rng):
+            return parts[i].reduce(cohort, state[i], jax.random.fold_in(rng, i))
 
-def divide(total: PyTree, denominator: jax.Array) -> PyTree:
-    """The final division; a zero denominator (no weight) gives a zero aggregate."""
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    return jax.tree_util.tree_map(lambda x: x / safe, total)
+    return AggregatorPart(init, client, finalize, reduce)
 
 
 from fedjax_sim.aggregators.dp import adaptive_clip, clip, dp_fedavg, gaussian, global_norm  # noqa: E402
 
-__all__ = ["AggregatorPart", "weighted_mean", "part", "chain", "divide", "clip", "adaptive_clip",
+__all__ = ["AggregatorPart", "Cohort", "weighted_mean", "part", "chain", "clip", "adaptive_clip",
            "gaussian", "dp_fedavg", "global_norm"]

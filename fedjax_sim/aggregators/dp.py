@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.privacy.noise import gaussian_like
 
 PyTree = Any
 
@@ -43,21 +44,6 @@ def global_norm(tree: PyTree) -> jax.Array:
     """The L2 norm of all leaves of `tree` flattened into one vector (in float32)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
-def gaussian_like(rng: jax.Array, tree: PyTree, std) -> PyTree:
-    """N(0, std²) noise shaped like `tree`, in each leaf's dtype, from ONE draw of all the
-    coordinates (a draw per leaf compiles a threefry kernel per leaf: on XLA:CPU seconds
-    of compile time for a few leaves, with the same run time)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sizes = [math.prod(x.shape) for x in leaves]
-    flat = std * jax.random.normal(rng, (sum(sizes),), jnp.float32)
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-    return jax.tree_util.tree_unflatten(treedef, [
-        flat[a:b].reshape(x.shape).astype(x.dtype)
-        for x, a, b in zip(leaves, offsets[:-1], offsets[1:])])
 
 
 def _scale_to_norm(delta: PyTree, norm: jax.Array, clip_norm: jax.Array) -> PyTree:

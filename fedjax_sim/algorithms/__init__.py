@@ -1,12 +1,23 @@
-"""Federated algorithms as client + server functions."""
+"""Federated algorithms as client + server functions.
 
-from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem, RoundSums
-from fedjax_sim.algorithms.fedavg import FedAvg, ServerState, fedavg, fedprox
+The contract every algorithm implements (`Algorithm`, `ClientOutput`, `RoundSums`,
+`Problem`, `LocalSchedule`) is `fedjax_sim.engine.contracts`; the building blocks for
+writing one (`local_training`, `ServerOptimizer`, `server_step`, `proximal`) are
+`fedjax_sim.algorithms.blocks`. Both are exported here.
+"""
+
+from fedjax_sim.algorithms.blocks import (ServerOptimizer, ServerState, add_sums, local_training,
+                                          proximal, server_step)
+from fedjax_sim.algorithms.fedavg import FedAvg, fedavg, fedprox
 from fedjax_sim.algorithms.fednova import FedNova, fednova
 from fedjax_sim.algorithms.local_stats import LocalStatistics
 from fedjax_sim.algorithms.personalization import Ditto, FedPer, ditto, fedper
 from fedjax_sim.algorithms.scaffold import Scaffold, ScaffoldState, scaffold
+from fedjax_sim.engine.contracts import (STATS_KEY, WEIGHTINGS, Algorithm, ClientOutput,
+                                         LocalSchedule, Problem, RoundSums)
 
-__all__ = ["Algorithm", "ClientOutput", "Problem", "RoundSums", "FedAvg", "ServerState",
-           "fedavg", "fedprox", "FedNova", "fednova", "Scaffold", "ScaffoldState", "scaffold",
-           "FedPer", "fedper", "Ditto", "ditto", "LocalStatistics"]
+__all__ = ["Algorithm", "ClientOutput", "Problem", "RoundSums", "LocalSchedule", "STATS_KEY",
+           "WEIGHTINGS", "ServerOptimizer", "ServerState", "local_training", "proximal",
+           "server_step", "add_sums", "FedAvg", "fedavg", "fedprox", "FedNova", "fednova",
+           "Scaffold", "ScaffoldState", "scaffold", "FedPer", "fedper", "Ditto", "ditto",
+           "LocalStatistics"]

@@ -21,57 +21,23 @@ Other members are configurations, not new code:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
 
 import jax
 import optax
 
-from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, check_weighting,
-                                        local_schedule)
+from fedjax_sim.algorithms.blocks import ServerOptimizer, local_training
+from fedjax_sim.engine.contracts import ClientOutput, LocalSchedule, Problem
 from fedjax_sim.errors import UserError
-
-PyTree = Any
-
-
-class ServerState(NamedTuple):
-    params: PyTree
-    opt_state: PyTree
-
-
-class ServerOptimizer(Algorithm):
-    """The FedOpt server (Reddi et al. 2021), shared by FedAvg, FedNova and Ditto: the
-    server state is (params, optimizer state), clients receive the params, and the round's
-    aggregate is a pseudo-gradient for `self.server_optimizer`."""
-
-    server_optimizer: optax.GradientTransformation
-
-    def server_init(self, params):
-        return ServerState(params, self.server_optimizer.init(params))
-
-    def broadcast(self, server_state):
-        return server_state.params
-
-    def params(self, server_state):
-        return server_state.params
-
-    def server_update(self, server_state, aggregate, sums=None):
-        del sums
-        return ServerState(*server_step(self.server_optimizer, server_state.params,
-                                        server_state.opt_state, aggregate))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FedAvg(ServerOptimizer):
     client_optimizer: optax.GradientTransformation
     server_optimizer: optax.GradientTransformation
-    local_epochs: int | None = 1
-    local_steps: int | None = None
-    batch_size: int | None = 10
-    weighting: str = "num_examples"
     proximal_mu: float = 0.0
 
     def __post_init__(self):
-        check_weighting(self.weighting)
+        super().__post_init__()
         if not (isinstance(self.proximal_mu, (int, float)) and self.proximal_mu >= 0):
             raise UserError(f"FedProx's mu must be a number >= 0, got {self.proximal_mu!r}")
 
@@ -84,54 +50,14 @@ class FedAvg(ServerOptimizer):
         return ClientOutput(delta, metrics)
 
 
-def local_training(problem: Problem, optimizer: optax.GradientTransformation, local, rng,
-                   params: PyTree, *, pull: tuple[PyTree, float] | None = None,
-                   full_params=None) -> tuple[PyTree, dict]:
-    """Runs the client's local schedule with `optimizer` (fresh state) from `params`;
-    returns (trained params, metric sums over the steps).
-
-    pull=(anchor, mu) adds mu (p - anchor) to every gradient (FedProx, Ditto).
-    full_params(p) maps the trained part to the parameters the loss sees (FedRep trains the
-    head or the body alone); by default the trained params are the model's.
-    """
-    def step(carry, batch, mask, key):
-        p, opt_state = carry
-        if full_params is None:
-            grads, metrics = problem.gradient(p, batch, mask, key)
-        else:
-            grads, metrics = jax.grad(lambda q: problem.loss(full_params(q), batch, mask, key),
-                                      has_aux=True)(p)
-        if pull is not None:
-            grads = proximal(grads, p, pull[0], pull[1])
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), metrics
-
-    (params, _), metrics = local.run(step, (params, optimizer.init(params)), rng)
-    return params, metrics
-
-
-def proximal(grads: PyTree, params: PyTree, anchor: PyTree, mu: float) -> PyTree:
-    """grads + mu (params - anchor): the gradient of the loss plus mu/2 ||params - anchor||^2."""
-    return jax.tree_util.tree_map(lambda g, p, a: g + mu * (p - a).astype(g.dtype),
-                                  grads, params, anchor)
-
-
-def server_step(optimizer: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
-                pseudo_gradient: PyTree) -> tuple[PyTree, PyTree]:
-    """One server optimizer step along a pseudo-gradient: (new params, new opt_state)."""
-    pseudo_gradient = jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), pseudo_gradient, params)
-    updates, opt_state = optimizer.update(pseudo_gradient, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
 def fedavg(client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation | None = None, *,
            local_epochs: int | None = 1, local_steps: int | None = None,
            batch_size: int | None = 10, weighting: str = "num_examples") -> FedAvg:
     """FedAvg with any optax optimizers; `server_optimizer` defaults to SGD(1.0)."""
-    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
-    return FedAvg(client_optimizer, server_optimizer or optax.sgd(1.0), local_epochs,
-                  local_steps, batch_size, weighting)
+    return FedAvg(client_optimizer, server_optimizer or optax.sgd(1.0),
+                  **LocalSchedule.of(batch_size, local_epochs, local_steps)._asdict(),
+                  weighting=weighting)
 
 
 def fedprox(client_optimizer: optax.GradientTransformation, mu: float,

@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import (ClientOutput, Problem, RoundSums, check_weighting,
-                                        local_schedule)
-from fedjax_sim.algorithms.fedavg import ServerOptimizer, local_training
+from fedjax_sim.algorithms.blocks import ServerOptimizer, local_training
+from fedjax_sim.engine.contracts import ClientOutput, LocalSchedule, Problem, RoundSums
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -44,14 +43,10 @@ class FedNova(ServerOptimizer):
     server_optimizer: optax.GradientTransformation
     momentum: float = 0.0
     proximal_mu: float = 0.0
-    local_epochs: int | None = 1
-    local_steps: int | None = None
-    batch_size: int | None = 10
-    weighting: str = "num_examples"
     client_dp = "each client also sends its number of local steps, which client-level DP does not protect"
 
     def __post_init__(self):
-        check_weighting(self.weighting)
+        super().__post_init__()
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise UserError(f"FedNova's learning_rate must be a number > 0, got {self.learning_rate!r}")
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
@@ -99,6 +94,6 @@ def fednova(learning_rate: float, server_optimizer: optax.GradientTransformation
             weighting: str = "num_examples") -> FedNova:
     """FedNova with client SGD (learning rate, optional momentum or proximal mu); the
     server optimizer defaults to SGD(1.0), which is the paper's update."""
-    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return FedNova(learning_rate, server_optimizer or optax.sgd(1.0), momentum, proximal_mu,
-                   local_epochs, local_steps, batch_size, weighting)
+                   **LocalSchedule.of(batch_size, local_epochs, local_steps)._asdict(),
+                   weighting=weighting)

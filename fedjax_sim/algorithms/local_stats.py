@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedjax_sim.algorithms.base import Algorithm, ClientOutput, Problem
+from fedjax_sim.engine.contracts import STATS_KEY, Algorithm, ClientOutput, Problem
 from fedjax_sim.trees import merge
 
 PyTree = Any
@@ -27,22 +27,21 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LocalStatistics(Algorithm):
+    """`inner` with each client's running statistics kept in its client state (FedBN).
+
+    Its schedule and weighting (the declared fields) are the inner algorithm's."""
+
     inner: Algorithm
     initial: PyTree = dataclasses.field(repr=False)
 
     personalized = True
     global_model = False
 
-    def __getattr__(self, name):
-        # Schedule and other settings (batch_size, local_epochs, ...) are the inner
-        # algorithm's.
-        if name.startswith("__") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def weighting(self):
-        return self.inner.weighting
+    @classmethod
+    def wrap(cls, inner: Algorithm, initial: PyTree) -> "LocalStatistics":
+        local = inner.local_schedule
+        return cls(inner, initial, batch_size=local.batch_size, local_epochs=local.local_epochs,
+                   local_steps=local.local_steps, weighting=inner.weighting)
 
     @property
     def client_dp(self):
@@ -59,13 +58,14 @@ class LocalStatistics(Algorithm):
 
     def client_update(self, problem: Problem, broadcast, local, rng,
                       client_state=None) -> ClientOutput:
-        if problem.stats is None:
+        if local.stats is None:
             raise ValueError("LocalStatistics needs the engine to carry running statistics "
                              "(RoundProgram(stats_mode='local'))")
-        problem.stats.value = client_state["stats"]
-        out = self.inner.client_update(problem, broadcast, local, rng, client_state["inner"])
+        own = client_state["stats"]
+        out = self.inner.client_update(problem, broadcast, local.with_stats(own), rng,
+                                       client_state["inner"])
         return out._replace(client_state={"inner": out.client_state,
-                                          "stats": problem.stats.value})
+                                          "stats": out.metrics.get(STATS_KEY, own)})
 
     def server_update(self, server_state, aggregate, sums):
         return self.inner.server_update(server_state, aggregate, sums)

@@ -24,9 +24,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import optax
 
-from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, RoundSums,
-                                        check_weighting, local_schedule)
-from fedjax_sim.algorithms.fedavg import ServerOptimizer, local_training, server_step
+from fedjax_sim.algorithms.blocks import ServerOptimizer, add_sums, local_training, server_step
+from fedjax_sim.engine.contracts import (STATS_KEY, Algorithm, ClientOutput, LocalSchedule, Problem,
+                                         RoundSums)
 from fedjax_sim.errors import UserError
 from fedjax_sim.trees import path_names, under
 
@@ -67,10 +67,6 @@ class Split(NamedTuple):
             self.treedef, [next(head) if h else next(body) for h in self.is_head])
 
 
-def _add(a: dict, b: dict) -> dict:
-    return jax.tree_util.tree_map(lambda x, y: x + y, a, b)
-
-
 class FedPerState(NamedTuple):
     params: PyTree  # the full model: the shared body, and the initial head
     opt_state: PyTree  # the server optimizer's state over the body
@@ -82,15 +78,11 @@ class FedPer(Algorithm):
     server_optimizer: optax.GradientTransformation
     head: HeadSelector = "out"
     head_passes: int | None = None
-    local_epochs: int | None = 1
-    local_steps: int | None = None
-    batch_size: int | None = 10
-    weighting: str = "num_examples"
     personalized = True
     global_model = False
 
     def __post_init__(self):
-        check_weighting(self.weighting)
+        super().__post_init__()
         if self.head_passes is not None and (isinstance(self.head_passes, bool) or not isinstance(
                 self.head_passes, int) or self.head_passes < 1):
             raise UserError(f"head_passes must be an integer >= 1 (FedRep) or None (FedPer), "
@@ -129,11 +121,12 @@ class FedPer(Algorithm):
             for k in range(self.head_passes):
                 new_head, m = local_training(problem, opt, local, jax.random.fold_in(rng, k),
                                              new_head, full_params=lambda h: split.merge(body, h))
-                metrics = m if metrics is None else _add(metrics, m)
+                metrics = m if metrics is None else add_sums(metrics, m)
+                local = local.after(m)  # the next pass continues from these statistics
             fixed_head = new_head
             new_body, m = local_training(problem, opt, local, jax.random.fold_in(rng, self.head_passes),
                                          body, full_params=lambda b: split.merge(b, fixed_head))
-            metrics = _add(metrics, m)
+            metrics = add_sums(metrics, m)
         delta = tuple(g - n for g, n in zip(body, new_body))
         return ClientOutput(delta, metrics, client_state=tuple(new_head))
 
@@ -154,9 +147,9 @@ def fedper(client_optimizer: optax.GradientTransformation, head: HeadSelector = 
     """FedPer (head_passes=None) or FedRep (head_passes=k). `head` names the personal
     parameters: a path prefix ('out' is the zoo models' output layer), several, or a
     predicate on 'layer/param' names."""
-    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return FedPer(client_optimizer, server_optimizer or optax.sgd(1.0), head, head_passes,
-                  local_epochs, local_steps, batch_size, weighting)
+                  **LocalSchedule.of(batch_size, local_epochs, local_steps)._asdict(),
+                  weighting=weighting)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -165,14 +158,10 @@ class Ditto(ServerOptimizer):
     server_optimizer: optax.GradientTransformation
     lam: float = 0.1
     personal_optimizer: optax.GradientTransformation | None = None
-    local_epochs: int | None = 1
-    local_steps: int | None = None
-    batch_size: int | None = 10
-    weighting: str = "num_examples"
     personalized = True
 
     def __post_init__(self):
-        check_weighting(self.weighting)
+        super().__post_init__()
         if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
             raise UserError(f"Ditto's lambda must be a number >= 0, got {self.lam!r}")
 
@@ -186,8 +175,12 @@ class Ditto(ServerOptimizer):
         k_global, k_personal = jax.random.split(rng)
         w, metrics = local_training(problem, self.client_optimizer, local, k_global, broadcast)
         personal = self.personal_optimizer or self.client_optimizer
-        v, _ = local_training(problem, personal, local, k_personal, client_state,
-                              pull=(broadcast, self.lam))
+        # The personal model's steps continue from the running statistics the global
+        # model's steps ended with, and the client reports the last ones.
+        v, personal_sums = local_training(problem, personal, local.after(metrics), k_personal,
+                                          client_state, pull=(broadcast, self.lam))
+        if STATS_KEY in personal_sums:
+            metrics = {**metrics, STATS_KEY: personal_sums[STATS_KEY]}
         delta = jax.tree_util.tree_map(lambda g, c: g - c, broadcast, w)
         return ClientOutput(delta, metrics, client_state=v)
 
@@ -199,6 +192,6 @@ def ditto(client_optimizer: optax.GradientTransformation, lam: float = 0.1,
           batch_size: int | None = 10, weighting: str = "num_examples") -> Ditto:
     """Ditto with regularisation strength `lam` (lambda); the personal models train with
     `personal_optimizer` (default: the client optimizer) over the same local schedule."""
-    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return Ditto(client_optimizer, server_optimizer or optax.sgd(1.0), lam, personal_optimizer,
-                 local_epochs, local_steps, batch_size, weighting)
+                 **LocalSchedule.of(batch_size, local_epochs, local_steps)._asdict(),
+                 weighting=weighting)

@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import (Algorithm, ClientOutput, Problem, RoundSums,
-                                        check_weighting, local_schedule)
-from fedjax_sim.algorithms.fedavg import server_step
+from fedjax_sim.algorithms.blocks import server_step
+from fedjax_sim.engine.contracts import Algorithm, ClientOutput, LocalSchedule, Problem, RoundSums
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -46,15 +45,12 @@ class ScaffoldState(NamedTuple):
 class Scaffold(Algorithm):
     learning_rate: float
     server_optimizer: optax.GradientTransformation
-    local_epochs: int | None = 1
-    local_steps: int | None = None
-    batch_size: int | None = 10
-    weighting: str = "uniform"
+    weighting: str = dataclasses.field(default="uniform", kw_only=True)
     client_dp = ("each client also sends its control-variate change, which client-level DP "
                  "neither clips nor noises")
 
     def __post_init__(self):
-        check_weighting(self.weighting)
+        super().__post_init__()
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise UserError(f"SCAFFOLD's client learning_rate must be a number > 0, got "
                             f"{self.learning_rate!r}")
@@ -115,6 +111,6 @@ def scaffold(learning_rate: float, global_learning_rate: float = 1.0, *,
                                          and global_learning_rate > 0):
         raise UserError(f"SCAFFOLD's global_learning_rate must be a number > 0, got "
                         f"{global_learning_rate!r}")
-    local_epochs, local_steps = local_schedule(local_epochs, local_steps)
     return Scaffold(learning_rate, server_optimizer or optax.sgd(global_learning_rate),
-                    local_epochs, local_steps, batch_size, weighting)
+                    **LocalSchedule.of(batch_size, local_epochs, local_steps)._asdict(),
+                    weighting=weighting)

@@ -47,7 +47,7 @@ from fedjax_sim.models import get_model, get_task, load_pretrained, with_trainab
 from fedjax_sim.models.trainable import count_parameters
 from fedjax_sim.simulation import EngineOptions, simulate
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.simulation.loop import INIT_STREAM
+from fedjax_sim.simulation import INIT_STREAM
 from fedjax_sim.cli.schema import (CHECKPOINT_DEFAULTS, build_algorithm, build_optimizer,
                                    finetune_options, preprocess_options, privacy_options,
                                    validate_config)

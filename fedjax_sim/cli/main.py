@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as e:  # Ctrl-C: where the run stopped, how to resume
+            if debug:
+                raise
+            print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+            return 130
     return 1
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.aggregators.dp import count_noise_stddev, split_noise_multiplier
-from fedjax_sim.algorithms import base as algorithm_base
+from fedjax_sim.engine.contracts import WEIGHTINGS as _WEIGHTINGS
 from fedjax_sim.algorithms import ditto, fedavg, fednova, fedper, fedprox, scaffold
 from fedjax_sim.data.sources.builtin import synthetic as _synthetic
 from fedjax_sim.data.partition import PARTITIONERS
@@ -47,7 +47,7 @@ from fedjax_sim.models.pretrained import FORMATS as PRETRAINED_FORMATS
 from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.simulation.evaluation import FineTune
-from fedjax_sim.simulation.loop import BATCH_NORM_MODES, EngineOptions, resolve_engine
+from fedjax_sim.simulation import BATCH_NORM_MODES, EngineOptions, resolve_engine
 
 __all__ = ["validate_config", "privacy_options", "preprocess_options", "build_algorithm", "build_optimizer",
            "finetune_options", "ALGORITHM_RULES", "FINETUNE_KEYS", "CHECKPOINT_DEFAULTS", "TOP_LEVEL_KEYS",
@@ -96,7 +96,7 @@ OPTIONAL_OPTIMIZERS = {"scaffold": ("server_optimizer",), "fednova": ("server_op
                        "ditto": ("personal_optimizer",)}
 # The per-client fine-tuning evaluation (config.finetune; absent or None: none).
 FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(FineTune) if f.name != "optimizer")
-WEIGHTINGS = algorithm_base.WEIGHTINGS  # algorithms.base.check_weighting
+WEIGHTINGS = _WEIGHTINGS  # the Algorithm base's check
 DENSE_IMPLS = ("auto", "explicit_transpose", "xla")  # models/dense.py dense_function
 CONV_IMPLS = ("auto", "matmul", "xla")  # models/conv.py conv_function
 # config.privacy: `level` picks the dataclass, whose fields are that level's keys

@@ -13,6 +13,8 @@ Two ways to say how long a client trains:
   E*ceil(n_i/B) real steps; S = E*ceil(n_max/B).
 - `local_steps=S`: exactly S batches of B examples each, walking through the client's
   shuffled examples and wrapping around (each pass starts at a fresh random offset).
+  With `batch_size=None` (full batch) each of the S steps takes all of the client's own
+  examples, whatever the other clients' sizes.
 
 A third kind, for DP-SGD, is Poisson sampling (`sampling_rate=q`): at every step each of
 the client's examples joins the batch independently with probability q, and the batch is
@@ -41,6 +43,7 @@ class Schedule(NamedTuple):
     local_epochs: int | None
     local_steps: int | None
     sampling_rate: float | None = None  # Poisson sampling of examples (DP-SGD)
+    full_batch: bool = False  # batch_size=None: a step takes all of the client's examples
 
 
 def make_schedule(max_client_size: int, *, batch_size: int | None,
@@ -73,7 +76,7 @@ def make_schedule(max_client_size: int, *, batch_size: int | None,
         steps = local_epochs * math.ceil(max_client_size / b)
     else:
         steps = int(local_steps)
-    return Schedule(b, steps, local_epochs, local_steps)
+    return Schedule(b, steps, local_epochs, local_steps, full_batch=batch_size is None)
 
 
 # Up to this many slots ranks are computed by counting comparisons (O(L^2) work in one
@@ -170,6 +173,10 @@ def client_batches(schedule: Schedule, bits: jax.Array, n: jax.Array,
         idx = jnp.where(valid, perms, 0).reshape(s, b)
         mask = jnp.broadcast_to(valid, (epochs, slots)).reshape(s, b)
         return idx, mask
+    if schedule.full_batch:  # every step: all of the client's n examples (B = n_max slots)
+        valid = jnp.arange(b) < n
+        return (jnp.broadcast_to(jnp.where(valid, jnp.arange(b), 0), (s, b)),
+                jnp.broadcast_to(valid, (s, b)))
     # Fixed number of steps: position t of the stream is example perm[(t mod n + r_p) mod n]
     # on pass p = t // n, where r_p is a random rotation per pass.
     perm = _shuffle(bits[:max_client_size], n, max_client_size)

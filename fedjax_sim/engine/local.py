@@ -8,12 +8,13 @@ accelerators a rolled scan compiles faster at the same speed.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.algorithms.base import STATS_KEY
+from fedjax_sim.engine.contracts import STATS_KEY
 
 PyTree = Any
 # step(carry, batch, example_mask [B], rng) -> (carry, metric_sums: dict of scalars)
@@ -26,28 +27,40 @@ AUGMENT_STREAM = 0xA06
 
 
 class LocalData:
-    """What a client function sees of its own data inside the round's jit.
+    """What a client function sees of its own data inside the round's jit (the
+    `engine.contracts.ClientData` contract).
 
     Attributes:
       num_examples: the client's example count (a traced scalar).
       client_id: the client's index in the dataset (a traced scalar).
+      stats: the running statistics (BatchNorm) the client's steps start from, where
+        clients update them; None where they are fixed (part of the model state).
     """
 
     def __init__(self, data: dict, offset: jax.Array, idx: jax.Array, mask: jax.Array,
                  num_examples: jax.Array, client_id: jax.Array, unroll: int | bool,
                  live: jax.Array | None = None, preprocess: PreprocessFn | None = None,
-                 stats=None):
+                 stats: PyTree = None):
         self._data, self._offset, self._idx, self._mask = data, offset, idx, mask
         self._preprocess = preprocess
-        # The client's running statistics (algorithms.base.StatsCell), carried through
-        # the steps where clients update them; None where they are fixed.
-        self._stats = stats
+        self.stats = stats
         # Which steps run: by default those whose batch holds a real example; Poisson
         # (DP-SGD) schedules run every step of a non-empty client.
         self._live = jnp.any(mask, axis=1) if live is None else live
         self.num_examples = num_examples
         self.client_id = client_id
         self._unroll = unroll
+
+    def with_stats(self, stats: PyTree) -> "LocalData":
+        """The same client data, its steps starting from running statistics `stats`."""
+        other = copy.copy(self)
+        other.stats = stats
+        return other
+
+    def after(self, sums: dict) -> "LocalData":
+        """The same client data, continuing from the statistics a previous `run` ended
+        with (its `sums`), so several runs in one client update chain like one."""
+        return self if STATS_KEY not in sums else self.with_stats(sums[STATS_KEY])
 
     @property
     def num_steps(self) -> int:
@@ -63,23 +76,12 @@ class LocalData:
         A step that does not run (by default: whose batch holds no real example) leaves the
         carry exactly unchanged and adds nothing to the metrics.
 
-        Where the client updates running statistics (a stats cell), they are carried too:
-        each step's loss sees the statistics the previous step left, and the cell ends
-        holding the last ones.
+        Where the client updates running statistics (`stats` is set), they are carried too:
+        each step's batch holds the statistics the previous step left (under STATS_KEY,
+        read by `Problem.loss`, which reports the new ones), and the returned sums hold the
+        last ones under STATS_KEY.
         """
-        cell = self._stats
-        if cell is not None:
-            inner_step = step
-
-            def step(carry, batch, mask, key):
-                carry, stats = carry
-                cell.value = stats
-                new_carry, metrics = inner_step(carry, batch, mask, key)
-                metrics = dict(metrics)
-                stats = metrics.pop(STATS_KEY, stats)
-                return (new_carry, stats), metrics
-
-            carry = (carry, cell.value)
+        stats = self.stats
 
         def batch_of(s, step_key):
             # Padded slots read the client's first row, so a batch never touches another
@@ -90,23 +92,30 @@ class LocalData:
                 batch = self._preprocess(batch, jax.random.fold_in(step_key, AUGMENT_STREAM))
             return batch
 
-        def body(state, s):
-            carry, sums = state
-            step_key = jax.random.fold_in(key, s)
+        def one_step(carry, stats, s, step_key):
             batch = batch_of(s, step_key)
-            mask = self._mask[s]
-            new_carry, metrics = step(carry, batch, mask, step_key)
+            if stats is not None:
+                batch[STATS_KEY] = stats
+            new_carry, metrics = step(carry, batch, self._mask[s], step_key)
+            metrics = dict(metrics)
+            new_stats = metrics.pop(STATS_KEY, stats)
+            return new_carry, new_stats, metrics
+
+        def body(state, s):
+            carry, stats, sums = state
+            step_key = jax.random.fold_in(key, s)
+            new_carry, new_stats, metrics = one_step(carry, stats, s, step_key)
             live = self._live[s]
-            carry = jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), new_carry, carry)
+            keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), new, old)
             sums = jax.tree_util.tree_map(lambda acc, m: acc + jnp.where(live, m, 0), sums, metrics)
-            return (carry, sums), None
+            return (keep(new_carry, carry), keep(new_stats, stats), sums), None
 
         # Metric structure from an abstract evaluation of one step.
-        shapes = jax.eval_shape(lambda c: step(c, batch_of(0, key), self._mask[0], key)[1], carry)
+        shapes = jax.eval_shape(lambda c, st: one_step(c, st, 0, key)[2], carry, stats)
         sums0 = jax.tree_util.tree_map(lambda sd: jnp.zeros(sd.shape, jnp.float32), shapes)
         steps = jnp.arange(self.num_steps)
         unroll = True if (self._unroll is True or self._unroll >= self.num_steps) else int(self._unroll)
-        (carry, sums), _ = jax.lax.scan(body, (carry, sums0), steps, unroll=unroll)
-        if cell is not None:
-            carry, cell.value = carry
+        (carry, stats, sums), _ = jax.lax.scan(body, (carry, stats, sums0), steps, unroll=unroll)
+        if stats is not None:
+            sums = {**sums, STATS_KEY: stats}
         return carry, sums

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.aggregators import AggregatorPart, divide
-from fedjax_sim.algorithms.base import Algorithm, Problem, RoundSums, StatsCell
 from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
+from fedjax_sim.engine.contracts import (STATS_KEY, AggregatorPart, Algorithm, Cohort, Problem,
+                                         RoundSums)
 from fedjax_sim.engine.local import LocalData
 from fedjax_sim.trees import merge
 
@@ -80,6 +80,17 @@ class DeviceData(NamedTuple):
         return cls({k: put(v) for k, v in data.features.items()},
                    put(jnp.asarray(data.offsets[:-1], jnp.int32)),
                    put(jnp.asarray(data.client_sizes, jnp.int32)))
+
+
+def divide(total: PyTree, denominator: jax.Array) -> PyTree:
+    """The aggregate total / denominator; a zero denominator (no weight) gives zero."""
+    safe = jnp.where(denominator > 0, denominator, 1.0)
+    return jax.tree_util.tree_map(lambda x: x / safe, total)
+
+
+# The key a reducing aggregator part gets: fold_in(the round's aggregator key, REDUCE_STREAM)
+# (finalize gets the round's aggregator key itself).
+REDUCE_STREAM = 0x5ED
 
 
 def split_round_key(root: jax.Array, r: jax.Array):
@@ -311,6 +322,8 @@ class RoundProgram:
                rows: jax.Array | None = None):
         algorithm, aggregator = self.algorithm, self.aggregator
         averaged = self.stats_mode == "averaged"
+        # A part that reduces the cohort itself gets every client's update, stacked.
+        stacked = aggregator.reduce is not None
         if self.stats_mode is not None:
             model_state = merge(model_state, state.stats)
         problem = self.problem._replace(model_state=model_state)
@@ -327,40 +340,47 @@ class RoundProgram:
             idx, mask = client_batches(self.schedule, bits, n, self.max_client_size)
             steps_live = (jnp.broadcast_to(n > 0, (self.schedule.num_steps,))
                           if self.schedule.sampling_rate is not None else None)
-            cell = StatsCell(state.stats) if self.stats_mode is not None else None
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
-                              live=steps_live, preprocess=self._train_preprocess, stats=cell)
+                              live=steps_live, preprocess=self._train_preprocess,
+                              stats=state.stats if self.stats_mode is not None else None)
             # The client's state row is gathered here, inside the map, so only a chunk's
             # rows are materialised at a time.
             own = (None if table is None else
                    jax.tree_util.tree_map(lambda t: t[row_of(cid)], table))
-            out = algorithm.client_update(problem._replace(num_examples=n, stats=cell), broadcast,
-                                          local, k_train, client_state=own)
+            out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local,
+                                          k_train, own)
+            metrics = dict(out.metrics)
+            client_stats = metrics.pop(STATS_KEY, local.stats)
             delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
-            if averaged:
-                # The client's statistics are averaged with the same weights as its update
-                # (they bypass the aggregator: no clipping, noise or compression).
-                delta = (delta, cell.value)
             # A padding slot (Poisson sampling) weighs nothing and reports nothing.
             weight = jnp.where(live, algorithm.client_weight(n), 0.0)
             keep = lambda tree: jax.tree_util.tree_map(lambda v: jnp.where(live, v, 0), tree)
-            return weight, delta, (keep(out.metrics), keep(report), out.client_state,
-                                   keep(out.extras))
+            # Summed with the weights: the update (unless a part reduces the stacked cohort)
+            # and, where they are averaged, the client's running statistics (they bypass the
+            # aggregator: no clipping, noise or compression).
+            summed = (() if stacked else delta, client_stats if averaged else ())
+            return weight, summed, (keep(metrics), keep(report), out.client_state,
+                                    keep(out.extras), (keep(delta), weight) if stacked else ())
 
         if self.sampling.kind == "poisson":
             # The real clients fill the first slots: run only the chunks that hold them.
-            total, denominator, (train_sums, client_reports, new_rows, extras) = map_clients(
+            total, denominator, outs = map_clients(
                 client, (cohort, drawn.live, drawn.clients), self._poisson_chunk(),
                 count=jnp.sum(drawn.live.astype(jnp.int32)))
         else:
-            total, denominator, (train_sums, client_reports, new_rows, extras) = map_clients(
+            total, denominator, outs = map_clients(
                 client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
+        train_sums, client_reports, new_rows, extras, cohort_updates = outs
+        total, stats_total = total
         new_stats = state.stats
         if averaged:
-            total, stats_total = total
             new_stats = jax.tree_util.tree_map(
                 lambda t, old: jnp.where(denominator > 0, t / jnp.maximum(denominator, 1e-30),
                                          old).astype(old.dtype), stats_total, state.stats)
+        if stacked:
+            total, denominator = aggregator.reduce(
+                Cohort(cohort_updates[0], cohort_updates[1], drawn.live), state.aggregator,
+                jax.random.fold_in(drawn.k_agg, REDUCE_STREAM))
         num_live = jnp.sum(drawn.live.astype(jnp.float32))
         reports = {k: jnp.sum(v) for k, v in client_reports.items()}
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
@@ -368,28 +388,37 @@ class RoundProgram:
         sums = RoundSums(jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), extras), num_live,
                          self.num_clients)
         server = algorithm.server_update(state.server, divide(total, denominator), sums)
-        if table is not None:
-            # Scatter the cohort's new rows back; padding slots (Poisson) write nothing (their
-            # index is out of range and dropped), and a real cohort never repeats a client.
-            size = jax.tree_util.tree_leaves(table)[0].shape[0]
-            target = jnp.where(drawn.live, row_of(cohort), size)
-            table = jax.tree_util.tree_map(
-                lambda t, new: t.at[target].set(new.astype(t.dtype), mode="drop"), table, new_rows)
-
-        # Training metrics are means over every example processed by the cohort this round;
-        # the aggregator's per-client reports are means over the round's clients.
-        count = jnp.sum(train_sums["count"])
-        metrics = {f"train_{k}": jnp.sum(v) / jnp.maximum(count, 1.0)
-                   for k, v in train_sums.items() if k != "count"}
-        metrics["cohort_examples"] = jnp.sum(jnp.where(drawn.live, data.sizes[cohort], 0))
-        if self.sampling.kind == "poisson":
-            metrics["cohort_size"] = num_live.astype(jnp.int32)
-        metrics.update({k: v / jnp.maximum(num_live, 1.0) for k, v in reports.items()
-                        if not k.startswith("_")})
-        metrics.update(agg_metrics)
+        table = self._scatter_rows(table, new_rows, cohort, drawn.live, row_of)
+        metrics = self._round_metrics(train_sums, reports, agg_metrics, data, drawn, num_live)
         # For the host's divergence guard (not logged): are the new global parameters finite?
         leaves = [x for x in jax.tree_util.tree_leaves(algorithm.params(server))
                   if jnp.issubdtype(x.dtype, jnp.inexact)]
         metrics["_params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) \
             if leaves else jnp.bool_(True)
         return SimState(server, agg_state, table, new_stats), metrics
+
+    @staticmethod
+    def _scatter_rows(table, new_rows, cohort, live, row_of):
+        """The client-state table with the cohort's new rows written back; padding slots
+        (Poisson) write nothing (their index is out of range and dropped), and a real cohort
+        never repeats a client."""
+        if table is None:
+            return None
+        size = jax.tree_util.tree_leaves(table)[0].shape[0]
+        target = jnp.where(live, row_of(cohort), size)
+        return jax.tree_util.tree_map(
+            lambda t, new: t.at[target].set(new.astype(t.dtype), mode="drop"), table, new_rows)
+
+    def _round_metrics(self, train_sums, reports, agg_metrics, data, drawn, num_live) -> dict:
+        """Training metrics are means over every example processed by the cohort this round;
+        the aggregator's per-client reports are means over the round's clients."""
+        count = jnp.sum(train_sums["count"])
+        metrics = {f"train_{k}": jnp.sum(v) / jnp.maximum(count, 1.0)
+                   for k, v in train_sums.items() if k != "count"}
+        metrics["cohort_examples"] = jnp.sum(jnp.where(drawn.live, data.sizes[drawn.cohort], 0))
+        if self.sampling.kind == "poisson":
+            metrics["cohort_size"] = num_live.astype(jnp.int32)
+        metrics.update({k: v / jnp.maximum(num_live, 1.0) for k, v in reports.items()
+                        if not k.startswith("_")})
+        metrics.update(agg_metrics)
+        return metrics

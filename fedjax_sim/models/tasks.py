@@ -104,8 +104,15 @@ def classification(label_key: str = "y") -> Task:
             raise UserError(
                 f"classification needs integer labels of shape [N], got {labels.dtype} "
                 f"{list(labels.shape)}; use task=regression() for real-valued targets")
+        if labels.size == 0:
+            return
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
+        if lo < 0:
+            raise UserError(
+                f"labels must be class indices 0..num_classes-1, but {int((labels < 0).sum())} "
+                f"label(s) are negative (the smallest is {lo}); map the labels to 0..K-1 first "
+                f"(e.g. numpy.unique(y, return_inverse=True)[1])")
+        if hi >= num_classes:
             raise UserError(
                 f"the model outputs {num_classes} classes but labels range over [{lo}, {hi}]; "
                 f"build the model with at least {hi + 1} outputs (config: model.num_outputs)")
@@ -192,7 +199,11 @@ def sequence(pad_id: int = 0, label_key: str = "y") -> Task:
             raise UserError(f"every label is the padding id {pad_id}; the data has no tokens "
                             f"to learn (check the data or the task's pad_id)")
         lo, hi = int(real.min()), int(real.max())
-        if lo < 0 or hi >= vocab:
+        if lo < 0:
+            raise UserError(
+                f"token labels must be ids 0..vocabulary-1, but some are negative (the "
+                f"smallest is {lo}); map the tokens to a vocabulary first")
+        if hi >= vocab:
             raise UserError(
                 f"the model outputs {vocab} tokens per position but labels range over "
                 f"[{lo}, {hi}]; set model.num_outputs to the vocabulary size (at least {hi + 1})")

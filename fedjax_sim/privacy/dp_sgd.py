@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators.dp import gaussian_like
+from fedjax_sim.privacy.noise import gaussian_like
 
 PyTree = Any
 

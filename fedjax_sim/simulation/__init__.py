@@ -1,9 +1,14 @@
-"""The host loop (`simulate`) and evaluation."""
+"""The host loop (`simulate`) and what it is made of: planning, calls of the compiled
+rounds, evaluation, checkpoints and resuming, the run directory."""
 
-from fedjax_sim.simulation.evaluation import (CentralEvaluator, ClientEvaluator, FineTune,
-                                              summarize_clients)
+from fedjax_sim.engine.options import EngineOptions, resolve_engine
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.simulation.loop import EngineOptions, Result, resolve_engine, simulate
+from fedjax_sim.simulation.evaluation import (CentralEvaluator, ClientEvaluator, Evaluators,
+                                              FineTune, summarize_clients)
+from fedjax_sim.simulation.loop import simulate
+from fedjax_sim.simulation.results import Result
+from fedjax_sim.simulation.setup import BATCH_NORM_MODES, INIT_STREAM, RunRequest
 
-__all__ = ["simulate", "Result", "EngineOptions", "CheckpointOptions", "resolve_engine", "CentralEvaluator",
-           "ClientEvaluator", "FineTune", "summarize_clients"]
+__all__ = ["simulate", "Result", "RunRequest", "EngineOptions", "CheckpointOptions",
+           "resolve_engine", "CentralEvaluator", "ClientEvaluator", "Evaluators", "FineTune",
+           "summarize_clients", "BATCH_NORM_MODES", "INIT_STREAM"]

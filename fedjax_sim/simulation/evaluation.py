@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.algorithms.base import Problem
+from fedjax_sim.engine.contracts import Problem
 from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.local import LocalData
@@ -324,3 +324,31 @@ def summarize_clients(per_client: dict, prefix: str = "client_") -> dict:
         out[f"{prefix}{name}_min"] = float(np.min(v))
     out[f"{prefix}count"] = int(live.sum())
     return out
+
+
+class Evaluators(NamedTuple):
+    """The evaluations a run makes every `eval_every` rounds: on the pooled test set
+    (`test_*`), per training client (`client_*`), and per held-out client (`heldout_*`);
+    each None where not asked for."""
+
+    central: CentralEvaluator | None = None
+    per_client: ClientEvaluator | None = None
+    heldout: ClientEvaluator | None = None
+
+    def __call__(self, params, model_state, client_states=None) -> tuple[dict, dict | None]:
+        """(metrics row entries, the per-client metrics by client id, or None)."""
+        out, clients = {}, None
+        if self.central is not None:
+            out.update({f"test_{k}": float(v) for k, v in
+                        jax.device_get(self.central(params, model_state)).items()})
+        if self.per_client is not None:
+            parts = self.per_client(params, model_state, client_states)
+            for name, values in parts.items():
+                out.update(summarize_clients(values, prefix=f"client_{name}_"))
+            clients = {"client_ids": [str(c) for c in self.per_client.client_ids],
+                       **{name: {k: np.asarray(v).tolist() for k, v in values.items()}
+                          for name, values in parts.items()}}
+        if self.heldout is not None:
+            for name, values in self.heldout(params, model_state).items():
+                out.update(summarize_clients(values, prefix=f"heldout_{name}_"))
+        return out, clients

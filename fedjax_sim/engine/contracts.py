@@ -1,0 +1,287 @@
+"""What the engine runs: the specification of an algorithm and of an aggregator part.
+
+Algorithms (`fedjax_sim.algorithms`) and aggregators (`fedjax_sim.aggregators`) implement
+these contracts and import this module; the engine imports nothing above itself.
+
+One round, as the engine executes it (engine.round; m = cohort slots, C = population):
+
+    server_state                                   the algorithm's, one per run
+    b = algorithm.broadcast(server_state)          what every client receives
+    for each cohort slot i (vmapped, chunked or one by one):
+        s_i = client_states[id_i]                  (stateful algorithms: one row per client)
+        out_i = algorithm.client_update(problem, b, local_i, rng_i, s_i)   -> ClientOutput
+        d_i, report_i = aggregator.client(out_i.delta, agg_state, rng'_i)  (per client)
+        w_i = algorithm.client_weight(n_i)   (0 for a padding slot of a Poisson cohort)
+    reduction, one of:
+        streaming (default):  total = sum_i w_i d_i,  denominator = sum_i w_i   (float32,
+                              memory proportional to a chunk of clients)
+        stacked:              total, denominator = part.reduce(Cohort(d [m, ...], w [m],
+                              live [m]), agg_state, rng)   (a part that needs every client)
+    total, denominator, agg_state, metrics = aggregator.finalize(total, denominator,
+                                                 sums of reports, agg_state, rng)
+    server_state = algorithm.server_update(server_state, total / denominator,
+                                           RoundSums(sum_i out_i.extras, clients, C))
+    client_states[id_i] = out_i.client_state
+
+Inside `client_update`, `local_i` (`ClientData`) runs the client's batch schedule; each
+step computes its gradient with `problem.gradient` (or `problem.loss`). Every function
+here is traced inside one `jax.jit`: it must be pure (no Python side effects, no state
+written during tracing) and keep static shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.errors import UserError
+from fedjax_sim.models.adapter import Model
+from fedjax_sim.models.tasks import Task
+from fedjax_sim.trees import merge
+
+PyTree = Any
+
+# Where clients update the model's running statistics (BatchNorm's mean and variance),
+# each local step's batch carries the statistics the step starts from under this key, and
+# `Problem.loss` reports the updated ones in its metric sums under the same key.
+# `ClientData.run` threads them from step to step and returns the last ones in its sums.
+STATS_KEY = "_stats"
+
+
+# -- algorithms -------------------------------------------------------------------------
+class ClientOutput(NamedTuple):
+    """What one client returns from `client_update`.
+
+    delta: what the aggregator weights and averages (FedAvg: w_global - w_client, a
+      pseudo-gradient); a pytree, the same structure for every client.
+    metrics: sums over the client's real examples ({"loss": ..., "count": ..., ...}, as
+      `ClientData.run` returns them); logged as round means.
+    client_state: the client's new state (stateful algorithms; None otherwise).
+    extras: values summed WITHOUT weights over the round's clients and handed to
+      `server_update` in `RoundSums.extras` (e.g. SCAFFOLD's control-variate changes).
+    """
+
+    delta: PyTree
+    metrics: dict
+    client_state: PyTree = None
+    extras: PyTree = None
+
+
+class RoundSums(NamedTuple):
+    """What `server_update` learns about the round besides the aggregate.
+
+    extras: sum over the clients that took part of their `ClientOutput.extras`;
+    clients: how many clients took part; population: how many clients the dataset has.
+    """
+
+    extras: PyTree
+    clients: jax.Array
+    population: int
+
+
+class LocalSchedule(NamedTuple):
+    """How long a client trains in a round (engine.batching.make_schedule).
+
+    local_epochs=E: E shuffled passes over the client's data in batches of batch_size;
+    local_steps=S: exactly S batches. Exactly one of them is set. batch_size=None: a batch
+    is the client's whole data (full batch).
+    """
+
+    batch_size: int | None
+    local_epochs: int | None
+    local_steps: int | None
+
+    @classmethod
+    def of(cls, batch_size, local_epochs, local_steps) -> "LocalSchedule":
+        """The schedule as builders take it: `local_steps` given explicitly overrides the
+        default `local_epochs=1`."""
+        if local_steps is not None and local_epochs == 1:
+            local_epochs = None
+        return cls(batch_size, local_epochs, local_steps)
+
+
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+class ClientData(Protocol):
+    """What `client_update` sees of its client's data inside the round's jit
+    (engine.local.LocalData implements it).
+
+    num_examples: the client's example count n_i (a traced int32 scalar).
+    client_id: the client's index in the dataset (a traced int32 scalar).
+    num_steps: the static number of steps S of the schedule.
+    real_steps(): how many of the S steps run (hold a real example).
+    run(step, carry, key) -> (carry, sums): runs
+        step(carry, batch, mask [B], key) -> (carry, metric sums)
+      over the client's batches (`batch`: dict of [B, ...] arrays; `mask`: which of the B
+      slots are real examples). A step that does not run leaves the carry unchanged and
+      adds nothing to the sums. Where clients update running statistics, `sums` also
+      holds the last ones under STATS_KEY.
+    """
+
+    num_examples: jax.Array
+    client_id: jax.Array
+    num_steps: int
+
+    def real_steps(self) -> jax.Array: ...
+
+    def run(self, step: Callable, carry: PyTree, key: jax.Array) -> tuple[PyTree, dict]: ...
+
+
+class Problem(NamedTuple):
+    """The model and task bound together as a masked loss over a batch.
+
+    `example_gradient(loss, params, batch, mask, rng, num_examples) -> (grads, sums)`
+    replaces the plain gradient, e.g. DP-SGD's clipped and noised one
+    (fedjax_sim.privacy.dp_sgd); the engine sets `num_examples` to the client's size.
+    """
+
+    model: Model
+    task: Task
+    model_state: PyTree
+    input_key: str
+    example_gradient: Callable | None = None
+    num_examples: jax.Array | None = None
+
+    def loss(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):
+        """Mean per-example loss over the real examples of `batch`, and metric sums.
+
+        Returns (loss, {"loss": sum, "count": n_real, <metric>: sum, ...}). Where the batch
+        carries running statistics (STATS_KEY), the model runs with them and the sums
+        report their training-mode update under STATS_KEY.
+        """
+        state = self.model_state
+        stats = batch.get(STATS_KEY)
+        if stats is not None:
+            state = merge(state, stats)
+        # Models that can leave padding slots out of batch statistics are told which they are.
+        extra = {"batch_mask": mask} if self.model.takes_batch_mask else {}
+        outputs, new_state = self.model.apply(params, state, batch[self.input_key],
+                                              train=True, rng=rng, **extra)
+        sums = self.task.masked_sums(outputs, batch[self.task.label_key], mask)
+        if stats is not None:
+            sums[STATS_KEY] = self.model.stats_of(new_state)
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+    def gradient(self, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array):
+        """(gradient of the mean loss, metric sums): what a client step descends along."""
+        if self.example_gradient is None:
+            return jax.grad(self.loss, has_aux=True)(params, batch, mask, rng)
+        return self.example_gradient(self.loss, params, batch, mask, rng, self.num_examples)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class Algorithm:
+    """Base class of a federated algorithm: subclasses implement the functions below.
+
+    Declared fields (keyword-only; every algorithm has them):
+      batch_size, local_epochs, local_steps: the local schedule (`LocalSchedule`).
+      weighting: 'num_examples' (w_i = n_i) or 'uniform' (w_i = 1).
+    Class attributes the engine and the host loop read:
+      personalized: clients have personal models (`personal_params`), evaluated per client.
+      global_model: the server holds a model that is meaningful on its own (FedPer's is not:
+        its head is never trained), so the pooled test set evaluates it.
+      client_dp: None if client-level DP (clipping and noising the deltas) protects
+        everything the client sends, else why it does not.
+    """
+
+    batch_size: int | None = 10
+    local_epochs: int | None = 1
+    local_steps: int | None = None
+    weighting: str = "num_examples"
+
+    personalized: ClassVar[bool] = False
+    global_model: ClassVar[bool] = True
+    client_dp: ClassVar[str | None] = None
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
+
+    @property
+    def local_schedule(self) -> LocalSchedule:
+        return LocalSchedule(self.batch_size, self.local_epochs, self.local_steps)
+
+    def server_init(self, params: PyTree) -> PyTree:
+        """The server state from the initial global parameters."""
+        raise NotImplementedError
+
+    def client_state_init(self, params: PyTree) -> PyTree:
+        """One client's initial state (no client axis), or None for a stateless algorithm."""
+        del params
+        return None
+
+    def broadcast(self, server_state: PyTree) -> PyTree:
+        """What every client of the round receives."""
+        raise NotImplementedError
+
+    def client_update(self, problem: Problem, broadcast: PyTree, local: ClientData,
+                      rng: jax.Array, client_state: PyTree = None) -> ClientOutput:
+        """One client's round (traced once, run for every cohort slot under vmap)."""
+        raise NotImplementedError
+
+    def server_update(self, server_state: PyTree, aggregate: PyTree, sums: RoundSums) -> PyTree:
+        """The new server state from the aggregate (shaped like the deltas)."""
+        raise NotImplementedError
+
+    def params(self, server_state: PyTree) -> PyTree:
+        """The global model's parameters in `server_state`."""
+        raise NotImplementedError
+
+    def personal_params(self, params: PyTree, client_state: PyTree) -> PyTree:
+        """A client's own model, from the global parameters and its state (personalized
+        algorithms); by default the global model."""
+        del client_state
+        return params
+
+    def personal_model_state(self, model_state: PyTree, client_state: PyTree) -> PyTree:
+        """The model state a client's own model runs with (its own BatchNorm statistics
+        under FedBN); by default the global one."""
+        del client_state
+        return model_state
+
+    def client_weight(self, num_examples: jax.Array) -> jax.Array:
+        """w_i, the client's aggregation weight (float32)."""
+        if self.weighting == "num_examples":
+            return num_examples.astype(jnp.float32)
+        return jnp.where(num_examples > 0, 1.0, 0.0).astype(jnp.float32)
+
+
+# -- aggregators ------------------------------------------------------------------------
+class Cohort(NamedTuple):
+    """The round's clients' updates, stacked, for a part that reduces them itself.
+
+    updates: the transformed deltas, every leaf [m, ...] (m = cohort slots); padding slots
+      (a Poisson cohort below its cap) hold zeros.
+    weights: [m] float32 aggregation weights w_i, 0 for padding slots.
+    live: [m] bool, whether the slot holds a client of this round.
+    """
+
+    updates: PyTree
+    weights: jax.Array
+    live: jax.Array
+
+
+class AggregatorPart(NamedTuple):
+    """One stage of aggregation (fedjax_sim.aggregators composes them with `chain`).
+
+    init(params) -> state
+    client(delta, state, rng) -> (delta, report: dict of per-client scalars)
+        runs per client inside the vmap; the engine sums each report over the clients
+        that took part and logs its mean (names starting with '_' are not logged).
+    finalize(total, denominator, reports, state, rng) -> (total, denominator, state, metrics)
+        runs once on the reduced update; the aggregate is total / denominator.
+    reduce(cohort: Cohort, state, rng) -> (total, denominator), or None
+        None: the engine's streaming weighted sum (total = sum_i w_i d_i, denominator =
+        sum_i w_i; memory proportional to the chunk). A part with `reduce` receives every
+        client's update at once instead (memory proportional to the cohort), e.g. a
+        median or a trimmed mean. A chain holds at most one such part.
+    """
+
+    init: Callable[[PyTree], PyTree]
+    client: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
+    finalize: Callable[..., tuple[PyTree, jax.Array, PyTree, dict]]
+    reduce: Callable[[Cohort, PyTree, jax.Array], tuple[PyTree, jax.Array]] | None = None
