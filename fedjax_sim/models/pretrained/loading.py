@@ -159,6 +159,34 @@ def load_pretrained(
     state_alias = {p.split("/", 1)[1]: p for p in targets["state"]
                    if p.startswith("batch_stats/")}
     report = LoadReport(source=path, format=fmt, names=names_label)
+    new = _match(tensors, targets, state_alias, rename, skip, strip_prefix, where, report)
+
+    kept = set(report.kept)
+    for tree in ("params", "state"):
+        for leaf_path, x in targets[tree].items():
+            if leaf_path not in new[tree] and leaf_path not in kept and _expected(x, tree):
+                report.missing.append(leaf_path)
+    report.params_total = int(sum(np.size(x) for x in targets["params"].values()))
+
+    if not report.loaded:
+        file_names = _listing([t.name for t in tensors]) or "no tensors"
+        model_paths = _listing(list(targets["params"])) or "no leaves"
+        raise UserError(f"nothing in {where} matched the model (file: {file_names}; model: "
+                        f"{model_paths}); pass names= (e.g. names='torchvision' or a function) "
+                        f"or strip_prefix= to map the file's names to the model's paths")
+    if strict and report.missing:
+        raise UserError(f"strict=True but {len(report.missing)} model leaves have no tensor in "
+                        f"{where} ({_listing(report.missing)}); check that the checkpoint is "
+                        f"of the same architecture, or pass strict=False to keep them at "
+                        f"their initial values")
+
+    return _replace(params, new["params"]), _replace(state, new["state"]), report
+
+
+def _match(tensors, targets, state_alias, rename, skip, strip_prefix, where,
+           report: LoadReport) -> dict[str, dict[str, Any]]:
+    """{tree: {leaf path: new value}} for the file's tensors that fill a model leaf; the
+    rest are recorded in `report` as skipped, with the reason."""
     new: dict[str, dict[str, Any]] = {"params": {}, "state": {}}
     origin: dict[tuple[str, str], str] = {}  # (tree, path) -> file name that filled it
 
@@ -212,27 +240,7 @@ def load_pretrained(
             report.params_loaded += int(array.size)
         else:
             report.state_loaded += int(array.size)
-
-    kept = set(report.kept)
-    for tree in ("params", "state"):
-        for leaf_path, x in targets[tree].items():
-            if leaf_path not in new[tree] and leaf_path not in kept and _expected(x, tree):
-                report.missing.append(leaf_path)
-    report.params_total = int(sum(np.size(x) for x in targets["params"].values()))
-
-    if not report.loaded:
-        file_names = _listing([t.name for t in tensors]) or "no tensors"
-        model_paths = _listing(list(targets["params"])) or "no leaves"
-        raise UserError(f"nothing in {where} matched the model (file: {file_names}; model: "
-                        f"{model_paths}); pass names= (e.g. names='torchvision' or a function) "
-                        f"or strip_prefix= to map the file's names to the model's paths")
-    if strict and report.missing:
-        raise UserError(f"strict=True but {len(report.missing)} model leaves have no tensor in "
-                        f"{where} ({_listing(report.missing)}); check that the checkpoint is "
-                        f"of the same architecture, or pass strict=False to keep them at "
-                        f"their initial values")
-
-    return _replace(params, new["params"]), _replace(state, new["state"]), report
+    return new
 
 
 def _find(targets, state_alias, target_path: str, hint: str | None):
