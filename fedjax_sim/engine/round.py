@@ -7,16 +7,19 @@
                   batches from fold_in(key_clients, client_id)
                   s_i = client_states[row(i)]                           (stateful algorithms)
                   delta_i, metrics_i, s_i', extras_i = algorithm.client_update(..., s_i)
-                  summand_i = w_i * aggregator.client(delta_i)          (float32)
-              total = sum_i summand_i;  denominator = sum_i w_i
+                  d_i = aggregator.client(delta_i)
+              total, denominator = sum_i w_i d_i, sum_i w_i         (float32, streaming)
+                 or aggregator.reduce(Cohort(d [m, ...], w, live))  (a part that needs all)
               aggregate = aggregator.finalize(total, denominator) / denominator'
               server_state = algorithm.server_update(server_state, aggregate, sum_i extras_i)
               client_states[row(i)] = s_i'  for the cohort's clients
 
 `RoundProgram.compile(...)` gives `run(state, ..., start, count)`, which runs `count`
 consecutive rounds in one loop inside one compiled program, so there is no host
-round-trip between them; it returns the stacked per-round metrics. A client's randomness depends only on (root, round,
-client id), so results do not depend on how clients are chunked or how rounds are fused.
+round-trip between them; it returns the stacked per-round metrics. A client's randomness
+depends only on (root, round, client id), so results do not depend on how clients are
+chunked or how rounds are fused. What `algorithm` and `aggregator` must provide is
+engine.contracts.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim.algorithms.blocks import local_training
 from fedjax_sim.engine.contracts import Problem
 from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
 from fedjax_sim.engine.cohort import map_clients
@@ -296,15 +297,7 @@ def _fine_tuner(model: Model, task: Task, input_key: str, finetune: FineTune, ma
         idx, mask = client_batches(schedule, bits, sizes[row], max_size)
         local = LocalData(features, offsets[row], idx, mask, sizes[row], row, unroll=True,
                           preprocess=train_preprocess)
-
-        def step(carry, batch, m, k):
-            p, opt_state = carry
-            grads, metrics = problem.gradient(p, batch, m, k)
-            updates, opt_state = optimizer.update(grads, opt_state, p)
-            return (optax.apply_updates(p, updates), opt_state), metrics
-
-        (tuned, _), _ = local.run(step, (params, optimizer.init(params)), k_train)
-        return tuned
+        return local_training(problem, optimizer, local, k_train, params)[0]
 
     return tune
 
