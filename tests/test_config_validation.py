@@ -1,4 +1,5 @@
-"""Up-front config validation (fedjax_sim/cli/schema.py): one line per bad value, nothing loaded."""
+"""Up-front config validation (fedjax_sim/cli/validate.py): one line per bad value, nothing
+loaded; the registry, the key layout and the value rules follow the code."""
 
 import dataclasses
 import glob
@@ -9,14 +10,15 @@ import re
 import ml_collections
 import pytest
 
-from fedjax_sim.cli import experiment, schema
+from fedjax_sim import registry
+from fedjax_sim.cli import experiment, layout, options, rules, validate
 from fedjax_sim.cli.config import load_config
-from fedjax_sim.cli.schema import CHECKPOINT_DEFAULTS, validate_config
-from fedjax_sim.data.partition import PARTITIONERS
+from fedjax_sim.cli.layout import CHECKPOINT_DEFAULTS
+from fedjax_sim.cli.validate import validate_config
+from fedjax_sim.data import PARTITIONERS
 from fedjax_sim.errors import UserError
-from fedjax_sim.models import zoo
-from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.simulation import EngineOptions
+from fedjax_sim.models import ZOO
+from fedjax_sim.simulation import CheckpointOptions, EngineOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -163,6 +165,9 @@ BAD = [
      "'scaffold', 'fednova', 'fedper', 'ditto']"),
     ("digits_fedavg", {"algorithm.name": "fedprox"},
      "config.algorithm.mu is missing; fedprox needs it (a number >= 0)"),
+    ("digits_fedprox", {"algorithm.name": "fedavg"},
+     "unknown config key 'algorithm.mu' for algorithm 'fedavg': it is a parameter of fedprox; "
+     "set config.algorithm.name to one of them or drop it"),
     ("digits_fedprox", {"algorithm.mu": "-1"}, "config.algorithm.mu must be a number >= 0, got -1"),
     ("digits_scaffold", {"algorithm.learning_rate": "0"},
      "config.algorithm.learning_rate must be a number > 0, got 0"),
@@ -249,6 +254,9 @@ BAD = [
     ("digits_dp_fedavg", {"privacy": "'yes'"}, "config.privacy must be a section"),
     ("digits_dp_fedavg", {"privacy.level": "'user'"},
      "config.privacy.level must be one of ['client', 'example']"),
+    ("digits_dp_fedavg", {"privacy.level": "None"},
+     "config.privacy.level is missing; set it to 'client' (DP-FedAvg; it also needs "
+     "noise_multiplier, delta) or 'example' (DP-SGD in every client; it also needs clip_norm, "),
     ("digits_dp_fedavg", {"privacy.clip_norm": "0"}, "config.privacy.clip_norm must be a number > 0, got 0"),
     ("digits_dp_fedavg", {"privacy.clip_norm": "-1"}, "config.privacy.clip_norm must be a number > 0"),
     ("digits_dp_fedavg", {"privacy.noise_multiplier": "-0.5"},
@@ -392,7 +400,7 @@ def test_config_file_with_a_typo_key(tmp_path):
     message = _error(load_config(_write(tmp_path, typo)))
     assert message.startswith("unknown config key 'clients_per_rond'; did you mean "
                               "'clients_per_round'? known keys at the top level: "), message
-    for key in schema.TOP_LEVEL_KEYS:
+    for key in layout.TOP_LEVEL_KEYS:
         assert key in message
     nested = GOOD_BODY.replace("weighting='uniform'", "weighting='uniform', batchsize=4")
     assert "unknown config key 'algorithm.batchsize'; did you mean 'algorithm.batch_size'" in \
@@ -426,16 +434,21 @@ def test_checkpoint_defaults_match_the_code():
     assert {k: fields[k] for k in CHECKPOINT_DEFAULTS} == CHECKPOINT_DEFAULTS
 
 
-def test_names_match_the_code():
-    assert set(schema.DATA_KEYS) == set(schema.DATA_SOURCES)
-    # Every key build()/build_data() read is one the schema knows.
+def test_registry_names_what_build_data_reads():
+    # build_data looks the source up and reads only the keys the registry names.
     build_data = inspect.getsource(experiment.build_data)
-    read = set(re.findall(r'_get\(cfg, "(\w+)"', build_data))
-    assert read and read <= {k for keys in schema.DATA_KEYS.values() for k in keys}
+    read = set(re.findall(r'_get\(cfg, "(\w+)"', build_data)) | set(re.findall(r'cfg\["(\w+)"\]', build_data))
+    assert read and read <= set(registry.PARTITION_KEYS) | set(registry.COMMON_DATA_KEYS)
+    assert "if source ==" not in build_data and "elif" not in build_data
+    for name, source in registry.DATA_SOURCES.items():
+        for key in source.arguments:
+            assert key == "dataset" or key in rules.DATA_RULES, f"{name}: add DATA_RULES[{key!r}]"
+        assert bool(source.datasets) == ("dataset" in source.arguments), name
+    assert set(layout.keys_at(None, ("data",))) == set(registry.all_data_keys())
     build = inspect.getsource(experiment.build)
     read = set(re.findall(r'_get\(config, "(\w+)"', build)) | set(re.findall(r"\bconfig\.(\w+)", build))
     read -= {"to_dict"}
-    assert read and read <= set(schema.TOP_LEVEL_KEYS)
+    assert read and read <= set(layout.TOP_LEVEL_KEYS)
 
 
 def _taken(fn, fixed):
@@ -445,22 +458,29 @@ def _taken(fn, fixed):
 
 def test_every_partitioner_and_model_argument_has_a_rule():
     for name, fn in PARTITIONERS.items():
-        missing = _taken(fn, schema._PARTITIONER_FIXED) - set(schema.ARG_RULES["partition"])
+        missing = _taken(fn, validate.PARTITIONER_FIXED) - set(rules.ARG_RULES["partition"])
         assert not missing, f"partitioner {name!r}: add ARG_RULES['partition'] for {missing}"
-    for name, fn in zoo.ZOO.items():
-        missing = _taken(fn, schema._MODEL_FIXED) - set(schema.ARG_RULES["model"])
+    for name, fn in ZOO.items():
+        missing = _taken(fn, validate.MODEL_FIXED) - set(rules.ARG_RULES["model"])
         assert not missing, f"model {name!r}: add ARG_RULES['model'] for {missing}"
 
 
 def test_every_algorithm_parameter_is_checked():
     """Each builder parameter is an optimizer section, part of the local schedule, or has an
     ALGORITHM_RULES entry; and the defaults of optional ones are accepted."""
-    for name, builder in schema.ALGORITHMS.items():
-        for param in inspect.signature(builder).parameters:
-            assert (param.endswith("optimizer") or param in schema._SCHEDULE_KEYS
-                    or param in schema.ALGORITHM_RULES), f"{name}: add a rule for {param!r}"
-    from fedjax_sim.simulation.evaluation import FineTune
-    assert set(schema.FINETUNE_KEYS) | {"optimizer"} == {f.name for f in dataclasses.fields(FineTune)}
+    for name, entry in registry.ALGORITHMS.items():
+        assert set(entry.optional_optimizers) <= set(entry.optimizers), name
+        for param in entry.parameters:
+            assert (param in entry.optimizers or param in validate.SCHEDULE_KEYS
+                    or param in rules.ALGORITHM_RULES), f"{name}: add a rule for {param!r}"
+            assert param.endswith("optimizer") == (param in entry.optimizers), (name, param)
+    from fedjax_sim.simulation import FineTune
+    assert set(layout.FINETUNE_KEYS) | {"optimizer"} == {f.name for f in dataclasses.fields(FineTune)}
+
+
+def test_client_level_dp_applies_to_the_algorithms_whose_clients_send_only_updates():
+    assert registry.client_dp_algorithms() == ["fedavg", "fedprox", "fedper", "ditto"]
+    assert "each client also sends" in registry.ALGORITHMS["scaffold"].client_dp
 
 
 def _quoted(message):
@@ -473,17 +493,19 @@ def test_allowed_values_match_the_code():
     from fedjax_sim.models.dense import dense_function
     import optax
 
-    for fn, allowed in ((dense_function, schema.DENSE_IMPLS), (conv_function, schema.CONV_IMPLS)):
+    for fn, allowed in ((dense_function, rules.DENSE_IMPLS), (conv_function, rules.CONV_IMPLS)):
         for value in allowed:
             fn(value)
         with pytest.raises(UserError) as info:
             fn("no_such_impl")
         assert _quoted(str(info.value)) == set(allowed)
-    for value in schema.WEIGHTINGS:
+    from fedjax_sim.algorithms import WEIGHTINGS
+
+    for value in WEIGHTINGS:
         fedavg(optax.sgd(1.0), weighting=value)
     with pytest.raises(UserError) as info:
         fedavg(optax.sgd(1.0), weighting="no_such_weighting")
-    assert _quoted(str(info.value)) == set(schema.WEIGHTINGS)
+    assert _quoted(str(info.value)) == set(WEIGHTINGS)
     engine_keys = {f.name for f in dataclasses.fields(EngineOptions)}
     assert "unknown config key 'engine.x'; known keys in config.engine: " + \
         ", ".join(sorted(engine_keys)) in _error(_config({"engine": "{'x': 1}"}))
@@ -492,11 +514,11 @@ def test_allowed_values_match_the_code():
 def test_privacy_keys_match_the_dataclasses():
     from fedjax_sim.privacy import AdaptiveClipping
 
-    for level, cls in schema.PRIVACY_LEVELS.items():
-        assert set(schema.PRIVACY_LEVEL_KEYS[level]) == {f.name for f in dataclasses.fields(cls)}
-    assert set(schema.ADAPTIVE_CLIPPING_KEYS) == {f.name for f in dataclasses.fields(AdaptiveClipping)}
-    for key, unset in schema.PRIVACY_UNSET.items():
-        owners = [cls for cls in schema.PRIVACY_LEVELS.values()
+    for level, cls in registry.PRIVACY_LEVELS.items():
+        assert set(layout.PRIVACY_LEVEL_KEYS[level]) == {f.name for f in dataclasses.fields(cls)}
+    assert set(layout.ADAPTIVE_CLIPPING_KEYS) == {f.name for f in dataclasses.fields(AdaptiveClipping)}
+    for key, unset in layout.PRIVACY_UNSET.items():
+        owners = [cls for cls in registry.PRIVACY_LEVELS.values()
                   if key in {f.name for f in dataclasses.fields(cls)}]
         assert [{f.name: f.default for f in dataclasses.fields(c)}[key] for c in owners] == [unset]
 
@@ -504,11 +526,11 @@ def test_privacy_keys_match_the_dataclasses():
 def test_privacy_section_builds_the_options_the_python_api_takes():
     from fedjax_sim.privacy import AdaptiveClipping, ClientLevelDP, ExampleLevelDP
 
-    assert schema.privacy_options(_config()) is None  # no section: no privacy
-    assert schema.privacy_options(_config(name="digits_dp_fedavg")) == ClientLevelDP(
+    assert options.privacy_options(_config()) is None  # no section: no privacy
+    assert options.privacy_options(_config(name="digits_dp_fedavg")) == ClientLevelDP(
         noise_multiplier=1.0, delta=1e-3, clip_norm=0.5)
     adaptive = _config({"privacy.adaptive_clipping": "{'target_quantile': 0.7}",
                         "privacy.clip_norm": "None"}, name="digits_dp_fedavg")
-    assert schema.privacy_options(adaptive).adaptive_clipping == AdaptiveClipping(target_quantile=0.7)
-    assert schema.privacy_options(_config(name="digits_dp_sgd")) == ExampleLevelDP(
+    assert options.privacy_options(adaptive).adaptive_clipping == AdaptiveClipping(target_quantile=0.7)
+    assert options.privacy_options(_config(name="digits_dp_sgd")) == ExampleLevelDP(
         clip_norm=1.0, noise_multiplier=1.5, sampling_rate=0.1, delta=1e-4)

@@ -21,7 +21,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import fedjax_sim as fs
-from fedjax_sim.cli import schema
+from fedjax_sim.cli import rules as schema
 from fedjax_sim.models import get_model, resnet
 
 EPS = 1e-5

@@ -1,36 +1,27 @@
 """Builds a simulation from a config and runs it: the config-file face of `simulate()`.
 
-Config layout (see configs/*.py):
+Config layout (see configs/*.py; the README lists every key):
 
-    seed, rounds, clients_per_round, eval_every
-    data:      source ('digits' | 'diabetes' | 'synthetic'), num_clients, partition,
-               partition_args, client_test_fraction, seed, (synthetic: alpha, beta, iid)
-    model:     name (zoo name), args
-    task:      'classification' | 'regression'
-    algorithm: name (a key of schema.ALGORITHMS: 'fedavg', 'fedprox', 'scaffold',
-               'fednova', 'fedper', 'ditto') and the parameters of its builder in
-               fedjax_sim.algorithms: optimizer sections {name, learning_rate, args}
-               (client_optimizer, server_optimizer, ...), local_epochs, local_steps,
-               batch_size, weighting, and the algorithm's own (mu, learning_rate,
-               global_learning_rate, momentum, proximal_mu, head, head_passes, lam)
-    engine:    clients_per_chunk, unroll, rounds_per_call
+    seed, rounds, clients_per_round, eval_every, task, batch_norm, feature_cache
+    data:      source (a key of fedjax_sim.registry.DATA_SOURCES) and the keys its loader
+               reads: num_clients, partition, partition_args, client_test_fraction for
+               the partitioned sources; heldout_clients, seed for all
+    model:     name (zoo name), num_outputs, args, trainable, pretrained
+    preprocess: None | 'auto' | the fields of fedjax_sim.data.Preprocess
+    algorithm: name (a key of fedjax_sim.registry.ALGORITHMS) and the parameters of its
+               builder: optimizer sections {name, learning_rate, args}, local_epochs,
+               local_steps, batch_size, weighting and the algorithm's own
+    engine:    the fields of EngineOptions (optional)
     checkpoint: every_rounds, every_seconds, max_to_keep (optional; CHECKPOINT_DEFAULTS)
     finetune:  (optional) steps, learning_rate, batch_size: per-client evaluation also
                after fine-tuning each client's model on its own training split
-    privacy:   (optional; absent or None: no differential privacy)
-               level ('client': DP-FedAvg | 'example': DP-SGD in every client),
-               noise_multiplier, clip_norm, delta, accountant ('rdp' | 'pld'), target_epsilon;
-               client only: sampling ('poisson' | 'fixed'), max_cohort_size,
-               noise_cohort_size, adaptive_clipping (None | {target_quantile,
-               learning_rate, count_stddev}); example only: sampling_rate, max_batch_size.
-               The keys are the fields of `fedjax_sim.privacy.ClientLevelDP` /
-               `ExampleLevelDP`; those of the other level stay None ('poisson' for
-               sampling). Client level needs algorithm.weighting='uniform'; at the
-               example level each local step's batch is Poisson-sampled with
-               sampling_rate, so algorithm.batch_size is not used.
+    privacy:   (optional; absent or None: no differential privacy) level ('client':
+               DP-FedAvg | 'example': DP-SGD in every client) and the fields of that
+               level's dataclass (fedjax_sim.registry.PRIVACY_LEVELS); those of the other
+               level stay None ('poisson' for sampling)
 
-Every key and value is checked up front by `schema.validate_config`; the checks left here
-are those that need the data.
+Every key and value is checked up front by `validate.validate_config`; the checks left
+here are those that need the data.
 """
 
 from __future__ import annotations
@@ -42,88 +33,46 @@ import ml_collections
 import numpy as np
 
 from fedjax_sim import data as fdata
-from fedjax_sim.errors import UserError
+from fedjax_sim import registry
 from fedjax_sim.models import get_model, get_task, load_pretrained, with_trainable
 from fedjax_sim.models.trainable import count_parameters
-from fedjax_sim.simulation import EngineOptions, simulate
-from fedjax_sim.simulation.checkpoint import CheckpointOptions
-from fedjax_sim.simulation import INIT_STREAM
-from fedjax_sim.cli.schema import (CHECKPOINT_DEFAULTS, build_algorithm, build_optimizer,
-                                   finetune_options, preprocess_options, privacy_options,
-                                   validate_config)
+from fedjax_sim.simulation import INIT_STREAM, simulate
+from fedjax_sim.cli.options import (build_algorithm, build_optimizer, checkpoint_options,
+                                    engine_options, finetune_options, preprocess_options,
+                                    privacy_options)
+from fedjax_sim.cli.rules import get as _get
+from fedjax_sim.cli.validate import validate_config
 
 __all__ = ["build", "build_data", "build_algorithm", "build_optimizer", "run"]
 
 
-def _get(config, key, default=None):
-    return config[key] if key in config else default
-
-
 def build_data(cfg: ml_collections.ConfigDict, seed: int):
     """Returns (train FederatedData, pooled test dict or None, per-client test FederatedData
-    or None, info). With `heldout_clients`, info['heldout'] holds the held-out clients
-    (their training split and test split, or their data alone)."""
-    source = _get(cfg, "source")
+    or None, info) of the (checked) data section: its source's loader
+    (`fedjax_sim.registry.DATA_SOURCES`) called with the keys it reads, the examples of a
+    partitioned source split into clients. With `heldout_clients`, info['heldout'] holds
+    the held-out clients (their training split and test split, or their data alone)."""
+    source = registry.DATA_SOURCES[cfg["source"]]
     data_seed = _get(cfg, "seed", seed)
-    info = {}
-    if source == "synthetic":
-        train, client_test, info = fdata.synthetic(
-            _get(cfg, "alpha", 1.0), _get(cfg, "beta", 1.0),
-            num_clients=_get(cfg, "num_clients", 30), seed=data_seed,
-            iid=_get(cfg, "iid", False))
-        info = {}
-    elif source in ("tff_h5", "leaf"):
-        train, client_test, info = _load_files(cfg, source)
-    else:
-        if source == "digits":
-            train_arrays, test = fdata.load_digits(seed=data_seed)
-        elif source == "diabetes":
-            train_arrays, test, stats = fdata.load_diabetes(seed=data_seed)
-            info["target_stats"] = stats
-        elif source == "tfds":
-            train_arrays, test, info = fdata.load_tfds(
-                _get(cfg, "name"), data_dir=_get(cfg, "data_dir"),
-                download=_get(cfg, "download", True), label_key=_get(cfg, "label_key"))
-        else:  # validate_config names the known sources
-            raise UserError(f"config.data.source={source!r} is not a known dataset")
-        name = _get(cfg, "partition", "iid")
-        num_clients = _get(cfg, "num_clients")
-        args = dict(_get(cfg, "partition_args", {}) or {})
-        train = fdata.partition(train_arrays, train_arrays["y"], name, num_clients,
-                                seed=data_seed, **args)
-        fraction = _get(cfg, "client_test_fraction", 0.0) or 0.0
+    args = {key: cfg[key] for key in source.arguments if key in cfg}
+    if source.partitioned:
+        arrays, test, info = source.load(seed=data_seed, **args)
+        train = fdata.partition(arrays, arrays["y"], _get(cfg, "partition", "iid"),
+                                cfg["num_clients"], seed=data_seed,
+                                **dict(_get(cfg, "partition_args", {}) or {}))
         client_test = None
+        fraction = _get(cfg, "client_test_fraction", 0.0) or 0.0
         if fraction:
             train, client_test = train.split(fraction, seed=data_seed)
-        heldout = _get(cfg, "heldout_clients")
-        if heldout is not None:
-            train, client_test, info["heldout"] = _hold_out(train, client_test, heldout, data_seed)
-        return train, test, client_test, info
+    else:
+        train, client_test, info = source.load(seed=data_seed, **args)
+    info = dict(info)
     heldout = _get(cfg, "heldout_clients")
     if heldout is not None:
         train, client_test, info["heldout"] = _hold_out(train, client_test, heldout, data_seed)
-    # Natural datasets: the pooled test set is every test client's examples.
-    test = None if client_test is None else dict(client_test.features)
+    if not source.partitioned:  # the pooled test set is every test client's examples
+        test = None if client_test is None else dict(client_test.features)
     return train, test, client_test, info
-
-
-def _load_files(cfg, source):
-    """(train, per-client test or None, info) of a TFF HDF5 or LEAF JSON dataset."""
-    dataset, train_path, test_path = _get(cfg, "dataset"), _get(cfg, "train_path"), _get(cfg, "test_path")
-    common = dict(drop_empty=_get(cfg, "drop_empty", False))
-    if dataset == "shakespeare":
-        common["seq_len"] = _get(cfg, "seq_len", 80)
-    if source == "tff_h5":
-        if dataset == "emnist":
-            common["only_digits"] = _get(cfg, "only_digits", False)
-            return fdata.tff_emnist(train_path, test_path, **common)
-        if dataset == "cifar100":
-            return fdata.tff_cifar100(train_path, test_path, label=_get(cfg, "label", "label"),
-                                      **common)
-        return fdata.tff_shakespeare(train_path, test_path, **common)
-    if dataset == "femnist":
-        return fdata.leaf_femnist(train_path, test_path, **common)
-    return fdata.leaf_shakespeare(train_path, test_path, **common)
 
 
 def _hold_out(train, client_test, heldout, seed):
@@ -167,16 +116,13 @@ def build(config: ml_collections.ConfigDict) -> dict:
 
     model = _transfer(model, model_cfg, seed)
 
-    algorithm = build_algorithm(config.algorithm)
-    engine_cfg = dict(_get(config, "engine", {}) or {})
-    checkpoint = CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **dict(_get(config, "checkpoint", {}) or {})})
-    privacy = privacy_options(config)  # ClientLevelDP / ExampleLevelDP, or None
-    return dict(model=model, algorithm=algorithm, train_data=train, task=task, checkpoint=checkpoint,
-                privacy=privacy, eval_data=test, client_eval_data=client_test,
+    return dict(model=model, algorithm=build_algorithm(config.algorithm), train_data=train,
+                task=task, checkpoint=checkpoint_options(config),
+                privacy=privacy_options(config), eval_data=test, client_eval_data=client_test,
                 heldout_data=info.pop("heldout", None), preprocess=preprocess,
                 finetune=finetune_options(config),
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
-                eval_every=config.eval_every, seed=seed, engine=EngineOptions(**engine_cfg),
+                eval_every=config.eval_every, seed=seed, engine=engine_options(config),
                 batch_norm=_get(config, "batch_norm", "auto"),
                 feature_cache=_get(config, "feature_cache", "auto"), info=info)
 

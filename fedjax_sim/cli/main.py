@@ -135,7 +135,7 @@ def _data_describe(args, overrides) -> int:
 
     from fedjax_sim.cli.config import load_config
     from fedjax_sim.cli.experiment import build_data
-    from fedjax_sim.cli.schema import validate_config
+    from fedjax_sim.cli.validate import validate_config
     from fedjax_sim.data.describe import (describe, format_description, plot_description,
                                           to_jsonable)
 

@@ -33,6 +33,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP, SampledGaussian,
                                 default_cap)
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
+from fedjax_sim.registry import client_dp_algorithms
 
 
 @contextlib.contextmanager
@@ -102,7 +103,8 @@ class PrivatePlan:
                                 "client-level DP builds its own aggregator (clip + gaussian)")
             if getattr(algorithm, "client_dp", None):
                 raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
-                                f"{algorithm.client_dp}; use FedAvg/FedProx/FedPer/Ditto, or "
+                                f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())} "
+                                f"(fedjax_sim.algorithms; config: algorithm.name), or "
                                 f"example-level DP (DP-SGD)")
             if getattr(algorithm, "weighting", None) != "uniform":
                 raise UserError("client-level DP needs algorithm weighting='uniform': weighting "

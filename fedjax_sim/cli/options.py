@@ -1,0 +1,161 @@
+"""Config sections as the objects the Python API takes: the algorithm (with optax
+optimizers), `ClientLevelDP` / `ExampleLevelDP`, `Preprocess`, `FineTune`,
+`CheckpointOptions` and `EngineOptions`.
+
+`validate_config` builds these to check the values they check themselves (their messages
+name the key); `experiment.build` builds them for `simulate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import optax
+
+from fedjax_sim import registry
+from fedjax_sim.data import Preprocess
+from fedjax_sim.errors import UserError
+from fedjax_sim.privacy import AdaptiveClipping
+from fedjax_sim.simulation import CheckpointOptions, EngineOptions, FineTune
+from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, CHECKPOINT_DEFAULTS, PRIVACY_KEYS,
+                                   PRIVACY_LEVEL_KEYS, PRIVACY_UNSET)
+from fedjax_sim.cli.rules import as_dict, check_keys, get, is_section, section, show
+
+__all__ = ["build_optimizer", "build_algorithm", "privacy_options", "preprocess_options",
+           "finetune_options", "checkpoint_options", "engine_options"]
+
+
+def build_optimizer(cfg) -> optax.GradientTransformation:
+    """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)
+    (name, learning rate and args are checked by validate_config)."""
+    return getattr(optax, cfg["name"])(get(cfg, "learning_rate"),
+                                       **dict(get(cfg, "args", {}) or {}))
+
+
+def build_algorithm(alg):
+    """The algorithm of a (checked) config.algorithm section: its builder called with the
+    section's keys, optimizer sections turned into optax optimizers, lists into tuples."""
+    entry = registry.ALGORITHMS[get(alg, "name", "fedavg")]
+    kwargs = {}
+    for key in entry.parameters:
+        if key not in alg:
+            continue
+        value = alg[key]
+        if key in entry.optimizers:
+            value = None if value is None else build_optimizer(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return entry.builder(**kwargs)
+
+
+def finetune_options(config) -> FineTune | None:
+    """config.finetune as a `FineTune`, or None when absent."""
+    finetune = get(config, "finetune")
+    return None if finetune is None else FineTune(**as_dict(finetune))
+
+
+def checkpoint_options(config) -> CheckpointOptions:
+    """config.checkpoint (absent keys: CHECKPOINT_DEFAULTS) as `CheckpointOptions`."""
+    return CheckpointOptions(**{**CHECKPOINT_DEFAULTS, **dict(get(config, "checkpoint") or {})})
+
+
+def engine_options(config) -> EngineOptions:
+    return EngineOptions(**dict(get(config, "engine") or {}))
+
+
+def preprocess_options(config):
+    """config.preprocess as a `fedjax_sim.data.Preprocess`, 'auto', or None."""
+    preprocess = get(config, "preprocess", "auto")
+    if preprocess is None or preprocess == "auto":
+        return preprocess
+    fields = as_dict(preprocess)
+    for key in ("mean", "std"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(float(v) for v in np.ravel(fields[key]))
+    return Preprocess(**fields)
+
+
+_PRIVACY_REQUIRED = {
+    "noise_multiplier": "the noise std / clip norm, e.g. 1.0",
+    "delta": "δ of the (ε, δ) guarantee, well below 1/num_clients (client level) or 1/examples "
+             "per client (example level), e.g. 1e-5",
+    "clip_norm": "the per-example clip norm C, e.g. 1.0",
+    "sampling_rate": "the probability that an example joins a local step's batch, e.g. 0.1",
+}
+
+
+def _required(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+
+
+_LEVELS = {"client": "DP-FedAvg", "example": "DP-SGD in every client"}
+
+
+def _privacy_level(values: dict) -> str:
+    """The section's `level`, with the keys each level needs where it is missing or wrong."""
+    level = values.pop("level", None)
+    if isinstance(level, str) and level in registry.PRIVACY_LEVELS:
+        return level
+    if level is None:
+        needs = " or ".join(f"{name!r} ({_LEVELS.get(name, name)}; it also needs "
+                            f"{', '.join(_required(cls))})"
+                            for name, cls in registry.PRIVACY_LEVELS.items())
+        raise UserError(f"config.privacy.level is missing; set it to {needs}, e.g. "
+                        f"--config.privacy.level=client --config.privacy.noise_multiplier=1.0 "
+                        f"--config.privacy.clip_norm=1.0 --config.privacy.delta=1e-5")
+    described = ", ".join(f"{name!r}: {_LEVELS.get(name, name)}" for name in registry.PRIVACY_LEVELS)
+    raise UserError(f"config.privacy.level must be one of {list(registry.PRIVACY_LEVELS)} "
+                    f"({described}), got {show(level)}")
+
+
+def _privacy_error(e: UserError) -> UserError:
+    """A dataclass's message (naming `privacy.<key>`) as a config error."""
+    message = str(e)
+    return UserError(f"config.{message}" if message.startswith("privacy.")
+                     else f"config.privacy: {message}")
+
+
+def privacy_options(config):
+    """`config.privacy` as `ClientLevelDP` / `ExampleLevelDP` (None when absent or None).
+
+    Checks the section's own keys and values, not how they fit the rest of the config
+    (`validate_config` does that); raises `UserError` naming `config.privacy.<key>`.
+    """
+    privacy = section(config, "privacy", required=False)
+    if privacy is None:
+        return None
+    values = as_dict(privacy)
+    check_keys(values, "privacy", PRIVACY_KEYS)
+    level = _privacy_level(values)
+    own = PRIVACY_LEVEL_KEYS[level]
+    for key, value in values.items():
+        if key not in own and value != PRIVACY_UNSET.get(key):
+            other = next(name for name, keys in PRIVACY_LEVEL_KEYS.items() if key in keys)
+            raise UserError(f"config.privacy.{key} applies to level={other!r}; drop it or set it "
+                            f"to {PRIVACY_UNSET.get(key)!r} for level={level!r}, got {show(value)}")
+    cls = registry.PRIVACY_LEVELS[level]
+    for key in _required(cls):
+        if values.get(key) is None:
+            raise UserError(f"config.privacy.{key} is missing; level={level!r} needs it "
+                            f"({_PRIVACY_REQUIRED.get(key, 'see fedjax_sim.privacy')})")
+    kwargs = {k: v for k, v in values.items() if k in own}
+    adaptive = kwargs.get("adaptive_clipping")
+    if adaptive is not None:
+        if not is_section(adaptive):
+            raise UserError(f"config.privacy.adaptive_clipping must be None (a fixed clip norm) or "
+                            f"a section, e.g. dict(target_quantile=0.5, learning_rate=0.2), got "
+                            f"{show(adaptive)}")
+        adaptive = as_dict(adaptive)
+        check_keys(adaptive, "privacy.adaptive_clipping", ADAPTIVE_CLIPPING_KEYS)
+    try:
+        if adaptive is not None:
+            kwargs["adaptive_clipping"] = AdaptiveClipping(**adaptive)
+        if kwargs.get("sampling") == "fixed" and kwargs.get("accountant", "rdp") == "pld":
+            raise UserError("privacy.accountant='pld' cannot account for sampling='fixed' "
+                            "(fixed-size sampling without replacement); use accountant='rdp' or "
+                            "sampling='poisson'")
+        return cls(**kwargs)
+    except UserError as e:
+        raise _privacy_error(e) from None
