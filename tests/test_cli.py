@@ -218,3 +218,110 @@ def test_privacy_errors_and_warnings_on_the_command_line(capsys):
     lines = err.strip().splitlines()
     assert lines[0].startswith("warning: delta = 0.05 >= 1/N = 1/100: this δ permits releasing")
     assert lines[-1].startswith("error: privacy.target_epsilon=0.01 is already exceeded")
+
+
+# -- config files that do not run ------------------------------------------------------------
+def _config_file(tmp_path, body: str) -> str:
+    path = tmp_path / "broken.py"
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("import ml_collections\n\ndef get_config(:\n    pass\n",
+     "has a syntax error at line 3: invalid syntax; fix that line"),
+    ("import no_such_module_here\n",
+     "failed to run (line 1): ModuleNotFoundError: No module named 'no_such_module_here'; fix the "
+     "file (--debug shows the traceback)"),
+    ("X = 1\n", "has no get_config() function; define one that returns an ml_collections.ConfigDict"),
+    ("def get_config():\n    return {'rounds': 1}\n",
+     ": get_config() returned a dict, not an ml_collections.ConfigDict; build the config as "
+     "c = ml_collections.ConfigDict() and return c"),
+    ("def get_config():\n    c = {}\n    raise ValueError('no\\ndata')\n",
+     ": get_config() raised ValueError: no data (line 3); fix get_config() in that file "
+     "(--debug shows the traceback)"),
+])
+def test_config_file_that_does_not_run_is_one_line(tmp_path, capsys, body, expected):
+    path = _config_file(tmp_path, body)
+    for command in (["train", "--config", path], ["data", "describe", "--config", path]):
+        code, out, err = _run(capsys, *command)
+        assert code == 2 and out == "", err
+        assert err == f"error: config file {path!r}{'' if expected.startswith(':') else ' '}" \
+                      f"{expected}\n", err
+    with pytest.raises(fs.UserError):  # --debug: the traceback, with the cause chained
+        main(["train", "--config", path, "--debug"])
+
+
+# -- overrides of documented keys the file leaves out ----------------------------------------
+def _validated(*overrides, config="digits_fedavg.py"):
+    from fedjax_sim.cli.config import load_config
+    from fedjax_sim.cli.validate import validate_config
+
+    config = load_config(f"{CONFIGS}/{config}",
+                         dict(o[len("--config."):].split("=", 1) for o in overrides))
+    validate_config(config)
+    return config
+
+
+def test_overrides_create_documented_keys_the_file_leaves_out():
+    config = _validated("--config.batch_norm=local", "--config.model.trainable=head",
+                        "--config.engine.client_states=host", "--config.finetune.steps=5",
+                        "--config.preprocess.resize=(16,16)", "--config.checkpoint.every_rounds=5",
+                        "--config.data.heldout_clients=0.1", "--config.model.args.dropout=0.5")
+    assert config.batch_norm == "local" and config.model.trainable == "head"
+    assert config.engine.client_states == "host"
+    assert config.finetune.to_dict() == {"steps": 5} and config.preprocess.resize == (16, 16)
+    assert config.checkpoint.every_rounds == 5 and config.data.heldout_clients == 0.1
+    assert config.model.args.dropout == 0.5
+    # A section the file set to None (or leaves out) is created empty, then set.
+    assert _validated("--config.checkpoint=None", "--config.checkpoint.max_to_keep=1",
+                      "--config.engine=None", "--config.engine.unroll=2").engine.to_dict() == \
+        {"unroll": 2}
+    # A whole section from one override; an algorithm's parameter before or after its name.
+    config = _validated("--config.algorithm.mu=0.1", "--config.algorithm.name=fedprox",
+                        "--config.privacy={'level': 'client', 'noise_multiplier': 1.0, "
+                        "'clip_norm': 1.0, 'delta': 1e-3}", "--config.algorithm.weighting=uniform")
+    assert config.algorithm.mu == 0.1 and config.privacy.level == "client"
+    assert config.privacy.noise_multiplier == 1.0
+    # A weights path, then an option of it: the shorthand becomes a section.
+    from fedjax_sim.cli.config import load_config
+    config = load_config(f"{CONFIGS}/digits_fedavg.py", {"model.pretrained": "w.npz",
+                                                         "model.pretrained.strict": "True"})
+    assert config.model.pretrained.to_dict() == {"path": "w.npz", "strict": True}
+
+
+def test_override_of_an_absent_section_says_what_else_it_needs(capsys):
+    line = _error_line(capsys, "--config.privacy.noise_multiplier=1")
+    assert line == (
+        "error: config.privacy.level is missing; set it to 'client' (DP-FedAvg; it also needs "
+        "noise_multiplier, delta) or 'example' (DP-SGD in every client; it also needs clip_norm, "
+        "noise_multiplier, sampling_rate, delta), e.g. --config.privacy.level=client "
+        "--config.privacy.noise_multiplier=1.0 --config.privacy.clip_norm=1.0 "
+        "--config.privacy.delta=1e-5")
+    line = _error_line(capsys, "--config.privacy.level=example", "--config.privacy.clip_norm=1")
+    assert line.startswith("error: config.privacy.noise_multiplier is missing; level='example' "
+                           "needs it"), line
+    line = _error_line(capsys, "--config.model.pretrained.strict=True")
+    assert line.startswith("error: config.model.pretrained.path must be the path of a weights "
+                           "file (.safetensors, .npz) or a saved result's directory, got None")
+    assert _error_line(capsys, "--config.algorithm.mu=1") == (
+        "error: unknown config key 'algorithm.mu' for algorithm 'fedavg': it is a parameter of "
+        "fedprox; set config.algorithm.name to one of them or drop it; known keys in "
+        "config.algorithm: batch_size, client_optimizer, local_epochs, local_steps, name, "
+        "server_optimizer, weighting")
+
+
+def test_undocumented_override_suggests_the_documented_key(capsys):
+    line = _error_line(capsys, "--config.privcy.level=client")
+    assert line.startswith("error: unknown config key 'privcy.level'; did you mean "
+                           "'privacy.level'? known keys at the top level: algorithm, batch_norm, ")
+    line = _error_line(capsys, "--config.privacy.noise_multiplir=1")
+    assert line.startswith("error: unknown config key 'privacy.noise_multiplir'; did you mean "
+                           "'privacy.noise_multiplier'? known keys in config.privacy: "), line
+    line = _error_line(capsys, "--config.engine.client_state=host")
+    assert line.startswith("error: unknown config key 'engine.client_state'; did you mean "
+                           "'engine.client_states'? known keys in config.engine: "), line
+    assert _error_line(capsys, "--config.rounds.x=1") == (
+        "error: cannot set a key under config.rounds: it is 200, not a section; set "
+        "--config.rounds=... to a whole value instead")
+
