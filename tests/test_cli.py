@@ -325,3 +325,34 @@ def test_undocumented_override_suggests_the_documented_key(capsys):
         "error: cannot set a key under config.rounds: it is 200, not a section; set "
         "--config.rounds=... to a whole value instead")
 
+
+# -- fedjax-sim privacy: numbers out of range ------------------------------------------------
+PRIVACY_OK = {"--noise-multiplier": "1.0", "--sampling-rate": "0.1", "--rounds": "10",
+              "--delta": "1e-5"}
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--rounds", "0", "--rounds must be an integer >= 1, got 0"),
+    ("--rounds", "-3", "--rounds must be an integer >= 1, got -3"),
+    ("--noise-multiplier", "-1", "--noise-multiplier must be a number >= 0, got -1.0"),
+    ("--noise-multiplier", "nan", "--noise-multiplier must be a number >= 0, got nan"),
+    ("--sampling-rate", "0", "--sampling-rate must be a probability in (0, 1], got 0.0"),
+    ("--sampling-rate", "1.5", "--sampling-rate must be a probability in (0, 1], got 1.5"),
+    ("--delta", "1", "--delta must be a number > 0 and < 1, typically ≪ 1/population, got 1.0"),
+    ("--population", "0", "--population must be an integer >= 1, got 0"),
+    ("--max-cohort-size", "-2", "--max-cohort-size must be an integer >= 1, got -2"),
+])
+def test_privacy_command_refuses_numbers_out_of_range(capsys, flag, value, expected):
+    args = {**PRIVACY_OK, flag: value}
+    code, out, err = _run(capsys, "privacy", *[a for kv in args.items() for a in kv])
+    assert (code, out, err) == (2, "", f"error: {expected}\n")
+
+
+def test_privacy_command_refuses_a_cohort_larger_than_the_population(capsys):
+    code, out, err = _run(capsys, "privacy", "--epsilon", "0", "--clients-per-round", "5",
+                          "--population", "10", "--rounds", "10", "--delta", "1e-5")
+    assert (code, err) == (2, "error: --epsilon must be a number > 0, got 0.0\n")
+    code, out, err = _run(capsys, "privacy", "--noise-multiplier", "1", "--clients-per-round",
+                          "20", "--population", "10", "--rounds", "10", "--delta", "1e-5")
+    assert (code, err) == (2, "error: --clients-per-round (20) cannot exceed --population (10): "
+                              "the cohort is drawn from it\n")

@@ -16,6 +16,15 @@ import json
 import math
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.cli.rules import POSITIVE_INT, Rule, is_number, number_above, number_at_least
+
+_PROBABILITY = Rule(lambda v: is_number(v) and 0 < v <= 1, "a probability in (0, 1]")
+_DELTA = Rule(lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1, typically ≪ 1/population")
+# The rule of each numeric flag (None: not given).
+FLAG_RULES = {"noise_multiplier": number_at_least(0), "epsilon": number_above(0),
+              "sampling_rate": _PROBABILITY, "clients_per_round": POSITIVE_INT,
+              "rounds": POSITIVE_INT, "delta": _DELTA, "population": POSITIVE_INT,
+              "max_cohort_size": POSITIVE_INT}
 
 
 def add_privacy_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,10 +78,23 @@ def _describe(args, overflow: float | None) -> str:
     return what
 
 
+def _check_numbers(args) -> None:
+    """Each numeric flag given is in its range (`--rounds must be an integer >= 1, got 0`)."""
+    for key, rule in FLAG_RULES.items():
+        value = getattr(args, key)
+        if value is not None and not rule.ok(value):
+            raise rule.error(f"--{key.replace('_', '-')}", value)
+    if args.clients_per_round is not None and args.population is not None \
+            and args.clients_per_round > args.population:
+        raise UserError(f"--clients-per-round ({args.clients_per_round}) cannot exceed "
+                        f"--population ({args.population}): the cohort is drawn from it")
+
+
 def run_privacy(args) -> int:
     """Prints ε for --noise-multiplier, or the calibrated noise multiplier for --epsilon."""
     from fedjax_sim.privacy import accounting
 
+    _check_numbers(args)
     fixed = args.clients_per_round is not None
     if fixed and args.population is None:
         raise UserError("--clients-per-round needs --population (the number of clients they "
