@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -187,3 +188,45 @@ def test_iid_reference_tv_shrinks_with_client_size():
     one_class = FederatedData({"y": np.zeros(6, np.int64)}, np.array([0, 2, 6]), ("a", "b"))
     assert describe(one_class)["labels"]["label_tv"] == {"mean": 0.0, "p50": 0.0, "max": 0.0,
                                                          "iid_mean": 0.0}
+
+
+def test_cli_png_into_an_existing_directory(tmp_path, capsys):
+    code, out, err = _run(capsys, "data", "describe", "--config", DIGITS, "--png", str(tmp_path))
+    assert code == 0, err
+    png = tmp_path / "digits_fedavg_clients.png"
+    assert f"wrote {png}" in out
+    _assert_png(png)
+
+
+def test_cli_without_matplotlib_prints_the_statistics_then_what_to_install(tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    code, out, err = _run(capsys, "data", "describe", "--config", DIGITS)
+    assert code == 0 and "100 clients" in out and "non-IID" in out and "wrote" not in out
+    assert err == ("warning: no plot written to digits_fedavg_clients.png: drawing it needs "
+                   "matplotlib; install the plot extra with pip install 'fedjax_sim[plot]', or "
+                   "pass --no-png\n")
+    assert not os.listdir(tmp_path)
+    # Asked for with --png: the statistics, then an error.
+    code, out, err = _run(capsys, "data", "describe", "--config", DIGITS, "--json", "--png", "x.png")
+    assert code == 2 and json.loads(out)["png"] is None
+    assert err == ("error: no plot written to x.png: drawing it needs matplotlib; install the "
+                   "plot extra with pip install 'fedjax_sim[plot]'\n")
+
+
+def test_cli_says_how_many_clients_were_held_out(capsys):
+    code, out, err = _run(capsys, "data", "describe", "--config", DIGITS, "--no-png",
+                          "--config.data.heldout_clients=10")
+    assert code == 0, err
+    assert out.startswith("digits_fedavg.py training data: 90 clients")
+    line = next(line for line in out.splitlines() if line.startswith("  held out"))
+    assert re.fullmatch(r"  held out      10 clients with \d+ examples and \d+ test examples "
+                        r"\(data\.heldout_clients=10\), not among the training clients described "
+                        r"above", line), line
+    code, out, err = _run(capsys, "data", "describe", "--config", DIGITS, "--no-png", "--json",
+                          "--config.data.heldout_clients=0.1")
+    row = json.loads(out)
+    assert row["train"]["num_clients"] == 90 and row["heldout"]["num_clients"] == 10
+    assert row["heldout"]["setting"] == 0.1
+    assert row["train"]["num_examples"] + row["heldout"]["num_examples"] == 1148

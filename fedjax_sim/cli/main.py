@@ -7,11 +7,7 @@
                              [--png PATH | --no-png] [--sort dominant|size] [--json]
 
 Re-running the same command on the same --workdir resumes from the last checkpoint there.
-
-`data describe` builds the config's training clients without training: client sizes, the
-labels per client and how far each client's label mix is from the global one
-(`fedjax_sim.data.describe`), plus the sizes of the test splits; it draws the split to
-`<config stem>_clients.png` (or --png PATH) and prints JSON instead of text with --json.
+`privacy` is `cli/privacy.py`, `data describe` is `cli/describe.py`.
 
 User mistakes print one line (`error: ...`) and exit with status 2; `--debug` shows the
 full traceback instead.
@@ -24,6 +20,7 @@ import json
 import sys
 import warnings
 
+from fedjax_sim.cli.describe import add_describe_parser, run_describe
 from fedjax_sim.cli.privacy import add_privacy_parser, run_privacy
 from fedjax_sim.errors import UserError
 
@@ -64,27 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     add_privacy_parser(sub)
     data = sub.add_parser("data", help="inspect the federated data a config builds")
     data_sub = data.add_subparsers(dest="data_command", metavar="{describe}", required=True)
-    describe = data_sub.add_parser(
-        "describe", help="client sizes, labels per client and how non-IID the split is",
-        description="Builds the training clients of a config (no training) and describes "
-                    "them: client sizes, the classes each client holds, and the mean total-"
-                    "variation distance between each client's label mix and the global one "
-                    "(0 = the same mix, 1 = disjoint classes), next to the value an IID "
-                    "split of the same client sizes gets. Also draws a client-size "
-                    "histogram and a client x label heat map.",
-        epilog="Override any config value with --config.KEY=VALUE, e.g. "
-               "--config.data.partition_args.alpha=0.1")
-    describe.add_argument("--config", required=True, help="path to a config .py with get_config()")
-    plot = describe.add_mutually_exclusive_group()
-    plot.add_argument("--png", default=None, metavar="PATH",
-                      help="where to write the plot (default: <config stem>_clients.png in the "
-                           "current directory)")
-    plot.add_argument("--no-png", action="store_true", help="do not draw the plot")
-    describe.add_argument("--sort", choices=("dominant", "size"), default="dominant",
-                          help="heat-map row order: by most common class (default) or by size")
-    describe.add_argument("--json", action="store_true",
-                          help="print the statistics as one JSON object instead of text")
-    describe.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_describe_parser(data_sub)
     return parser
 
 
@@ -110,6 +87,8 @@ def _train(args, overrides) -> int:
     rounds = f"{summary['rounds']} rounds"
     if summary.get("stopped"):  # the privacy budget ran out first
         rounds = f"{len(result.history)} of {rounds}"
+    if summary.get("resumed_from_round") and "seconds_per_round" in summary:
+        rounds = f"{rounds} (resumed from round {summary['resumed_from_round']})"
     print(f"done: {rounds}, {timing}; {final}")  # why it stopped early: a warning (stderr)
     if args.workdir:
         extra = ", client_metrics.json" if result.client_metrics is not None else ""
@@ -117,76 +96,6 @@ def _train(args, overrides) -> int:
               f"checkpoints/")
     else:
         print(json.dumps(summary["final"]))
-    return 0
-
-
-def _size_summary(sizes) -> dict:
-    """Client count, example count and min/median/max client size of a test split."""
-    import numpy as np
-
-    return dict(num_clients=int(sizes.size), num_examples=int(sizes.sum()),
-                min=int(sizes.min()), p50=float(np.median(sizes)), max=int(sizes.max()))
-
-
-def _data_describe(args, overrides) -> int:
-    import os
-
-    import numpy as np
-
-    from fedjax_sim.cli.config import load_config
-    from fedjax_sim.cli.experiment import build_data
-    from fedjax_sim.cli.validate import validate_config
-    from fedjax_sim.data.describe import (describe, format_description, plot_description,
-                                          to_jsonable)
-
-    config = load_config(args.config, overrides)
-    validate_config(config)
-    seed = config["seed"] if "seed" in config else 0
-    train, test, client_test, info = build_data(config.data, seed)
-    test = test or {}
-
-    label_key, num_classes, ignore_label = None, None, None
-    task = config["task"] if "task" in config else "classification"
-    labels = train.features.get("y")
-    if task == "sequence":  # next-token targets; padding is not a label
-        label_key, ignore_label = "y", info.get("pad_id", 0)
-        num_classes = info.get("vocab_size")
-    elif task == "classification" and labels is not None and np.issubdtype(labels.dtype, np.integer):
-        # Count every class of the pooled test set too, so a class no client holds still
-        # gets a (zero) column.
-        label_key = "y"
-        top = max([int(labels.max())] if labels.size else [0])
-        if "y" in test and np.issubdtype(test["y"].dtype, np.integer) and test["y"].size:
-            top = max(top, int(test["y"].max()))
-        num_classes = max(top + 1, int(info.get("num_classes") or 0))
-    stats = describe(train, label_key=label_key, num_classes=num_classes, ignore_label=ignore_label)
-    splits = {}
-    if client_test is not None:
-        splits["client_test"] = _size_summary(client_test.client_sizes)
-    if test:
-        splits["pooled_test"] = {"num_examples": int(next(iter(test.values())).shape[0])}
-
-    png = None
-    if not args.no_png:
-        stem = os.path.splitext(os.path.basename(args.config))[0]
-        png = args.png or f"{stem}_clients.png"
-        name = os.path.basename(args.config)
-        plot_description(train, png, label_key=label_key, num_classes=num_classes,
-                         ignore_label=ignore_label, sort=args.sort, title=f"{name}: training clients", stats=stats)
-
-    if args.json:
-        print(json.dumps({"config": args.config, "train": to_jsonable(stats), **splits,
-                          "png": png}))
-        return 0
-    print(format_description(stats, name=f"{os.path.basename(args.config)} training data"))
-    if "client_test" in splits:
-        s = splits["client_test"]
-        print(f"  client test   {s['num_clients']:,} clients, {s['num_examples']:,} examples "
-              f"(per client min {s['min']}, median {s['p50']:g}, max {s['max']})")
-    if "pooled_test" in splits:
-        print(f"  pooled test   {splits['pooled_test']['num_examples']:,} examples")
-    if png:
-        print(f"wrote {png}")
     return 0
 
 
@@ -208,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "privacy":
                 return run_privacy(args)
             if args.command == "data" and args.data_command == "describe":
-                return _data_describe(args, overrides)
+                return run_describe(args, overrides)
         except UserError as e:
             if debug:
                 raise
