@@ -338,7 +338,7 @@ PRIVACY_OK = {"--noise-multiplier": "1.0", "--sampling-rate": "0.1", "--rounds":
     ("--noise-multiplier", "nan", "--noise-multiplier must be a number >= 0, got nan"),
     ("--sampling-rate", "0", "--sampling-rate must be a probability in (0, 1], got 0.0"),
     ("--sampling-rate", "1.5", "--sampling-rate must be a probability in (0, 1], got 1.5"),
-    ("--delta", "1", "--delta must be a number > 0 and < 1, typically ≪ 1/population, got 1.0"),
+    ("--delta", "1", "delta must be in (0, 1), typically ≪ 1/N, got 1.0"),
     ("--population", "0", "--population must be an integer >= 1, got 0"),
     ("--max-cohort-size", "-2", "--max-cohort-size must be an integer >= 1, got -2"),
 ])

@@ -19,11 +19,11 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.cli.rules import POSITIVE_INT, Rule, is_number, number_above, number_at_least
 
 _PROBABILITY = Rule(lambda v: is_number(v) and 0 < v <= 1, "a probability in (0, 1]")
-_DELTA = Rule(lambda v: is_number(v) and 0 < v < 1, "a number > 0 and < 1, typically ≪ 1/population")
-# The rule of each numeric flag (None: not given).
+# The rule of each numeric flag (None: not given); --delta is checked by the accountant
+# ("delta must be in (0, 1), typically ≪ 1/N").
 FLAG_RULES = {"noise_multiplier": number_at_least(0), "epsilon": number_above(0),
               "sampling_rate": _PROBABILITY, "clients_per_round": POSITIVE_INT,
-              "rounds": POSITIVE_INT, "delta": _DELTA, "population": POSITIVE_INT,
+              "rounds": POSITIVE_INT, "population": POSITIVE_INT,
               "max_cohort_size": POSITIVE_INT}
 
 
