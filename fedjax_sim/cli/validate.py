@@ -44,7 +44,7 @@ from fedjax_sim.simulation import BATCH_NORM_MODES, resolve_engine
 from fedjax_sim.cli import layout
 from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, engine_options,
                                     finetune_options, preprocess_options, privacy_options)
-from fedjax_sim.cli.rules import (ALGORITHM_RULES, ARG_RULES, BOOL, DATA_RULES, FRACTION,
+from fedjax_sim.cli.rules import (ALGORITHM_RULES, ARG_RULES, DATA_RULES, FRACTION,
                                   LAYER_SIZES, PATHS, POSITIVE_INT, Rule, check, check_args,
                                   check_choice, check_keys, free_args, get, int_at_least,
                                   is_int, is_section, number_above, one_of, or_none, section,
