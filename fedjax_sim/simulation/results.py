@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from fedjax_sim.errors import UserError
@@ -50,13 +51,16 @@ class Result:
             ckpt.wait_until_finished()
         with open(os.path.join(path, "result.json"), "w") as f:
             json.dump({"format": "fedjax_sim.result", "format_version": 1,
-                       "history": self.history, "summary": self.summary}, f)
+                       "history": self.history, "summary": self.summary,
+                       "structure": skeleton(arrays)}, f)
 
     @classmethod
     def load(cls, path: str, template: "Result | None" = None) -> "Result":
         """Reads a saved result. Arrays come back as nested dicts and lists of arrays
-        (NamedTuples as dicts, PRNG keys as key data), or, given a `template` result of the
-        same run (e.g. from `simulate(..., rounds=1)`), with the template's exact types."""
+        (NamedTuples as dicts, PRNG keys as key data) whose dict keys have their saved types
+        (a layer list's int keys stay ints, so `params` has the tree structure of the saved
+        `result.params`), or, given a `template` result of the same run (e.g. from
+        `simulate(..., rounds=1)`), with the template's exact types."""
         import orbax.checkpoint as ocp
 
         path = os.path.abspath(path)
@@ -68,7 +72,8 @@ class Result:
             meta = json.load(f)
         with ocp.StandardCheckpointer() as ckpt:
             if template is None:
-                arrays = ckpt.restore(os.path.join(path, "arrays"))
+                arrays = restore_keys(ckpt.restore(os.path.join(path, "arrays")),
+                                      meta.get("structure"))  # none before it was recorded
             else:
                 target = to_host(template._arrays())
                 arrays = ckpt.restore(os.path.join(path, "arrays"), target)
@@ -91,6 +96,42 @@ class Result:
         """Writes the final global parameters to a `.npz` file (one array per leaf, named
         by its path, e.g. 'dense/kernel')."""
         export_params(self.params, path)
+
+
+def skeleton(tree):
+    """The containers of `tree` as JSON, for `restore_keys`: a mapping (or NamedTuple) is
+    {"dict": {str(key): [key type, child]}} with key type "int" or "str", a list or tuple
+    {"list": [child, ...]}, anything else (a leaf) null. Orbax writes every key as a
+    string; this records which were ints."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        tree = tree._asdict()
+    if isinstance(tree, Mapping):
+        return {"dict": {str(k): ["int" if isinstance(k, int) and not isinstance(k, bool)
+                                  else "str", skeleton(v)] for k, v in tree.items()}}
+    if isinstance(tree, (list, tuple)):
+        return {"list": [skeleton(v) for v in tree]}
+    return None
+
+
+def restore_keys(tree, structure):
+    """`tree` as orbax restored it, with the dict keys that `structure` (a `skeleton`)
+    records as ints turned back into ints; parts that do not match are left as they are."""
+    if not isinstance(structure, dict):
+        return tree
+    if isinstance(tree, dict) and isinstance(structure.get("dict"), dict):
+        entries = structure["dict"]
+        out = {}
+        for key, value in tree.items():
+            kind, child = entries.get(str(key), ("str", None))
+            if kind == "int" and isinstance(key, str) and key.lstrip("-").isdigit():
+                key = int(key)
+            out[key] = restore_keys(value, child)
+        return out
+    if isinstance(tree, (list, tuple)) and isinstance(structure.get("list"), list):
+        children = structure["list"]
+        return type(tree)(restore_keys(v, children[i] if i < len(children) else None)
+                          for i, v in enumerate(tree))
+    return tree
 
 
 def final_metrics(row: dict) -> dict:
