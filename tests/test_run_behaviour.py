@@ -264,8 +264,10 @@ def test_resume_refuses_a_changed_optimizer_unless_allowed(toy, baseline, interr
         _run(toy, lr=0.05, workdir=str(first))
     message = str(info.value)
     assert "\n" not in message
+    # sgd(0.1) -> sgd(0.05): the first update of the probe gradient [0.5, -0.25, 1, 2]
     assert message.startswith(f"the run in {first}/checkpoints was started with a different "
-                              f"config (algorithm.client_optimizer.steps: '")
+                              f"config (algorithm.client_optimizer.first_update: "
+                              f"[-0.05, 0.025, -0.1, -0.2] -> [-0.025, 0.0125, -0.05, -0.1]")
     assert message.endswith("); rerun with the same config, pass --allow-config-change "
                             "(allow_config_change=True) to resume anyway, or use a fresh --workdir")
     assert "server_optimizer" not in message  # only what changed is named
@@ -279,7 +281,7 @@ def test_resume_refuses_a_changed_optimizer_unless_allowed(toy, baseline, interr
     assert _user_warnings(caught) == [] and same.history == baseline.history[:3]
 
     with pytest.warns(UserWarning, match=rf"^resuming {re.escape(str(second))}/checkpoints with "
-                                         rf"a changed config: algorithm\.client_optimizer\.steps: "):
+                                         rf"a changed config: algorithm\.client_optimizer\.first_update: "):
         changed = _run(toy, lr=0.05, rounds=4, workdir=str(second), allow_config_change=True)
     assert changed.summary["resumed_from_round"] == 3
     assert [row["round"] for row in changed.history] == [1, 2, 3, 4]
@@ -333,8 +335,9 @@ def test_initial_params_are_where_the_run_starts_and_a_mismatch_is_one_line(toy)
 
     deeper = {**given, "hidden": {0: given["hidden"][0], 1: given["hidden"][0]}}
     assert start(deeper) == (
-        f"initial_params do not match model {model.name}'s parameter tree (6 leaves given, 4 "
-        f"expected); pass parameters of the same model, e.g. an earlier result.params")
+        f"initial_params do not match model {model.name}'s parameter tree ('hidden/1/bias' "
+        f"where the model has 'out/bias'); pass parameters of the same model, e.g. an earlier "
+        f"result.params")
     narrower = jax.tree_util.tree_map(lambda x: x[..., :5], given)  # the hidden layer cut to 5 units
     assert start(narrower) == (
         f"initial_params['hidden'][0]['bias'] has shape [5] but model {model.name} needs [8]; "

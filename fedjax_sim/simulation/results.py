@@ -10,6 +10,7 @@ from typing import Any
 
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation.checkpoint import export_params, from_host, to_host, tree_spec
+from fedjax_sim.simulation.rundir import json_safe
 
 PyTree = Any
 
@@ -51,7 +52,7 @@ class Result:
             ckpt.wait_until_finished()
         with open(os.path.join(path, "result.json"), "w") as f:
             json.dump({"format": "fedjax_sim.result", "format_version": 1,
-                       "history": self.history, "summary": self.summary,
+                       "history": json_safe(self.history), "summary": json_safe(self.summary),
                        "structure": skeleton(arrays)}, f)
 
     @classmethod

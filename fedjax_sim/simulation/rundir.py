@@ -108,11 +108,13 @@ class MetricsLog:
             self._writer.close()
 
 
-def optimizer_fingerprint(optimizer) -> str | None:
-    """A digest of what an optax optimizer does: its updates over three steps on a fixed
-    probe tree. Two optimizers with the same digest made the same steps there, so a
-    changed learning rate, momentum or schedule changes it (the hyperparameters themselves
-    are hidden in closures). None where the optimizer cannot run on the probe."""
+def optimizer_fingerprint(optimizer) -> dict | None:
+    """What an optax optimizer does, as JSON: its first update of a fixed probe tree
+    (`first_update`, readable: plain SGD gives -lr times the probe gradient) and a digest
+    of its updates over three steps (`steps`). Two optimizers that agree made the same
+    steps there, so a changed learning rate, momentum or schedule shows (the
+    hyperparameters themselves are hidden in closures). None where the optimizer cannot
+    run on the probe."""
     import jax.numpy as jnp
     import optax
 
@@ -124,10 +126,11 @@ def optimizer_fingerprint(optimizer) -> str | None:
             grads = {"w": jnp.asarray([0.5, -0.25, 1.0, 2.0], jnp.float32) * (t + 1)}
             updates, state = optimizer.update(grads, state, params)
             params = optax.apply_updates(params, updates)
-            steps.append(np.asarray(updates["w"], np.float64).round(7).tolist())
+            steps.append(np.asarray(updates["w"], np.float64))
     except Exception:  # e.g. a transformation that needs the model's own tree structure
         return None
-    return checksum({"steps": np.asarray(steps, np.float64)})
+    first = [float(f"{x:.6g}") for x in steps[0]]
+    return {"first_update": first, "steps": checksum({"steps": np.stack(steps).round(7)})}
 
 
 def describe(value, depth=0):
@@ -137,7 +140,7 @@ def describe(value, depth=0):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     if hasattr(value, "init") and hasattr(value, "update") and callable(value.update):
-        return {"class": type(value).__name__, "steps": optimizer_fingerprint(value)}
+        return {"class": type(value).__name__, **(optimizer_fingerprint(value) or {})}
     if depth > 4:
         return type(value).__name__
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

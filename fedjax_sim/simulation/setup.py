@@ -37,7 +37,7 @@ from fedjax_sim.simulation.feature_cache import (cache_features, check_feature_c
                                                  use_feature_cache)
 from fedjax_sim.simulation.private import PrivatePlan
 from fedjax_sim.simulation.rundir import describe_run
-from fedjax_sim.trees import merge
+from fedjax_sim.trees import merge, path_names
 
 PyTree = Any
 # The model's initial parameters come from fold_in(root key, INIT_STREAM).
@@ -306,12 +306,14 @@ def _initial_model(model: Model, root, initial_params):
     params, model_state = model.init(jax.random.fold_in(root, INIT_STREAM))
     if initial_params is None:
         return params, model_state
-    given = jax.tree_util.tree_structure(initial_params)
-    expected = jax.tree_util.tree_structure(params)
+    given = path_names(initial_params)
+    expected = path_names(params)
     if given != expected:
+        first = next((f"{a!r} where the model has {b!r}" for a, b in zip(given, expected) if a != b),
+                     f"{len(given)} leaves where the model has {len(expected)}")
         raise UserError(f"initial_params do not match model {model.name}'s parameter tree "
-                        f"({given.num_leaves} leaves given, {expected.num_leaves} expected); "
-                        f"pass parameters of the same model, e.g. an earlier result.params")
+                        f"({first}); pass parameters of the same model, e.g. an earlier "
+                        f"result.params")
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     for (path, mine), theirs in zip(flat, jax.tree_util.tree_leaves(initial_params)):
         if tuple(np.shape(theirs)) != tuple(mine.shape):
