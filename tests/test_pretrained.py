@@ -273,7 +273,8 @@ def test_pytorch_pickles_are_refused_without_unpickling(tmp_path, name, kind):
 
 @pytest.mark.parametrize("name, content", [
     ("random.safetensors", os.urandom(256)), ("random.dat", os.urandom(256)),
-    ("notes.txt", b"these are not weights\n"), ("notes.npz", b"not a zip either\n")])
+    ("notes.txt", b"these are not weights\n"), ("notes.npz", b"not a zip either\n")],
+    ids=["random.safetensors", "random.dat", "notes.txt", "notes.npz"])  # same ids in every worker
 def test_non_checkpoint_files_are_refused(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
