@@ -47,6 +47,9 @@ def test_train_writes_config_metrics_and_summary(tmp_path, capsys):
     assert summary["data"]["num_clients"] == 100
 
 
+# Long end-to-end runs (200 and 150 rounds): the slow tier, which also checks these configs'
+# documented results (test_configs_slow: 0.950 test accuracy, 0.545 test MSE).
+@pytest.mark.slow
 def test_digits_fedavg_config_reaches_90_percent():
     """The acceptance bar of the default config: >= 0.90 test accuracy within 200 rounds."""
     from fedjax_sim.cli.config import load_config
@@ -58,6 +61,7 @@ def test_digits_fedavg_config_reaches_90_percent():
     assert max(accuracies) >= 0.90 and accuracies[-1] >= 0.90
 
 
+@pytest.mark.slow
 def test_diabetes_regression_config_beats_constant_predictor():
     from fedjax_sim.cli.config import load_config
     from fedjax_sim.cli.experiment import run
