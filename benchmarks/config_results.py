@@ -361,13 +361,39 @@ def check_and_update(repo, results, tolerance, update, keep_seconds):
             flag = "   (within tolerance; rounds to " + _fmt(value, documented) + ")"
         lines.append(f"{name:24s} {where:10s} {what:30s} {documented:>10s} {shown:>10s}{flag}")
 
+    def documented(name, entry, where, text, claim, group, key, secondary, seconds):
+        """Notes every documented number of `text` (the claim, found by `claim`'s `group`;
+        the secondary numbers; the seconds) against the results; returns the edits
+        (start, end, new text) that would bring `text` up to date."""
+        edits = []
+        if claim is None or key is None:
+            note(name, where, "claim", "none", None, False)
+        else:
+            shown, value = claim.group(group), entry["final"].get(key)
+            note(name, where, key, shown, value,
+                 value is not None and abs(float(shown) - value) <= tolerance + 1e-12)
+            if value is not None:
+                edits.append((claim.start(group), claim.end(group), _fmt(value, shown)))
+        for pattern, skey, whose in secondary:
+            for hit in pattern.finditer(text):
+                value = _value(results, name, skey, whose)
+                if value is None:
+                    continue  # e.g. FedAvg not in these results
+                note(name, where, skey + (" (fedavg)" if whose else ""), hit.group(1),
+                     value, _near(hit.group(1), value, tolerance))
+                edits.append((hit.start(1), hit.end(1), _fmt(value, hit.group(1))))
+        if seconds:
+            note(name, where, "seconds", seconds.group(1), entry["wall_seconds"], True)
+            if not keep_seconds:
+                edits.append((seconds.start(1), seconds.end(1), f"{entry['wall_seconds']:.0f}"))
+        return edits
+
     for name in sorted(results):
         entry = results[name]
         if "error" in entry:
             print(f"{name:24s} not checked: {entry['error']}")
             bad += 1
             continue
-        edits = []  # (start, end, new text) in the docstring file
         path = os.path.join(repo, "configs", name + ".py")
         if not os.path.isfile(path):
             print(f"{name:24s} not in {repo}/configs")
@@ -375,28 +401,9 @@ def check_and_update(repo, results, tolerance, update, keep_seconds):
             continue
         text = open(path).read()
         m = CLAIM.search(text)
-        if not m:
-            note(name, "docstring", "claim", "none", None, False)
-        else:
-            key = CLAIM_KEYS[("personal " if m.group(1) else "") + m.group(2)]
-            value = entry["final"].get(key)
-            ok = value is not None and abs(float(m.group(3)) - value) <= tolerance + 1e-12
-            note(name, "docstring", key, m.group(3), value, ok)
-            if value is not None:
-                edits.append((m.start(3), m.end(3), _fmt(value, m.group(3))))
-        for pattern, skey, whose in DOC_SECONDARY:
-            for hit in pattern.finditer(text):
-                value = _value(results, name, skey, whose)
-                if value is None:
-                    continue  # e.g. FedAvg not in these results
-                note(name, "docstring", skey + (" (fedavg)" if whose else ""), hit.group(1),
-                     value, _near(hit.group(1), value, tolerance))
-                edits.append((hit.start(1), hit.end(1), _fmt(value, hit.group(1))))
-        hit = DOC_SECONDS.search(text)
-        if hit:
-            note(name, "docstring", "seconds", hit.group(1), entry["wall_seconds"], True)
-            if not keep_seconds:
-                edits.append((hit.start(1), hit.end(1), f"{entry['wall_seconds']:.0f}"))
+        key = CLAIM_KEYS[("personal " if m.group(1) else "") + m.group(2)] if m else None
+        edits = documented(name, entry, "docstring", text, m, 3, key, DOC_SECONDARY,
+                           DOC_SECONDS.search(text))
         if update:
             new = text
             for start, end, rep in sorted(edits, reverse=True):
@@ -411,32 +418,10 @@ def check_and_update(repo, results, tolerance, update, keep_seconds):
             note(name, "README", "table row", "none", None, False)
             continue
         cell = readme[span[0]:span[1]]
-        edits = []
-        c = README_CLAIM.search(cell)
-        key = (CLAIM_KEYS[("personal " if m.group(1) else "") + m.group(2)] if m
-               else entry.get("claim_key"))
-        if not c or key is None:
-            note(name, "README", "claim", "none", None, False)
-        else:
-            value = entry["final"].get(key)
-            ok = value is not None and abs(float(c.group(1)) - value) <= tolerance + 1e-12
-            note(name, "README", key, c.group(1), value, ok)
-            if value is not None:
-                edits.append((c.start(1), c.end(1), _fmt(value, c.group(1))))
-        for pattern, skey, whose in README_SECONDARY:
-            for hit in pattern.finditer(cell):
-                value = _value(results, name, skey, whose)
-                if value is None:
-                    continue
-                note(name, "README", skey + (" (fedavg)" if whose else ""), hit.group(1),
-                     value, _near(hit.group(1), value, tolerance))
-                edits.append((hit.start(1), hit.end(1), _fmt(value, hit.group(1))))
+        key = key or entry.get("claim_key")
         # The cell's text without the closing "|" is a prefix of it: the offsets hold.
-        hit = README_SECONDS.search(cell.rstrip().removesuffix("|"))
-        if hit:
-            note(name, "README", "seconds", hit.group(1), entry["wall_seconds"], True)
-            if not keep_seconds:
-                edits.append((hit.start(1), hit.end(1), f"{entry['wall_seconds']:.0f}"))
+        edits = documented(name, entry, "README", cell, README_CLAIM.search(cell), 1, key,
+                           README_SECONDARY, README_SECONDS.search(cell.rstrip().removesuffix("|")))
         if update:
             for start, end, rep in sorted(edits, reverse=True):
                 cell = cell[:start] + rep + cell[end:]
