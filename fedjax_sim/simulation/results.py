@@ -142,22 +142,25 @@ def final_metrics(row: dict) -> dict:
 
 def run_summary(plan, calls, history: list[dict], start_round: int, done: int,
                 stopped: str | None) -> dict:
-    """summary.json: final metrics, timings, the engine's choices and the data's sizes."""
+    """summary.json: final metrics, timings, the engine's choices and the data's sizes.
+    With `calls=None` (a run found complete: nothing was compiled or timed) only the final
+    metrics, the round it resumed from and the privacy ledger."""
     r, data = plan.request, plan.train_data
-    summary = {
-        "rounds": r.rounds,
-        "final": final_metrics(history[-1]),
-        "train_loss": history[-1]["train_loss"],
-        "seconds_per_round": calls.train_seconds / max(done - start_round, 1),
-        "compile_seconds": calls.compile_seconds,
-        "resumed_from_round": start_round,
-        "num_params": plan.model.num_params(plan.params),
-        "batch_norm": plan.batch_norm,
-        "feature_cache": plan.cache_info or False,
-        "engine": calls.engine_summary(),
-        "data": {"num_clients": data.num_clients, "num_examples": data.num_examples,
-                 "max_client_size": data.max_client_size, **(r.metadata or {})},
-    }
+    summary = {"rounds": r.rounds, "final": final_metrics(history[-1]),
+               "train_loss": history[-1]["train_loss"]}
+    if calls is not None:
+        summary.update(seconds_per_round=calls.train_seconds / max(done - start_round, 1),
+                       compile_seconds=calls.compile_seconds)
+    summary["resumed_from_round"] = start_round
+    if calls is not None:
+        summary.update({
+            "num_params": plan.model.num_params(plan.params),
+            "batch_norm": plan.batch_norm,
+            "feature_cache": plan.cache_info or False,
+            "engine": calls.engine_summary(),
+            "data": {"num_clients": data.num_clients, "num_examples": data.num_examples,
+                     "max_client_size": data.max_client_size, **(r.metadata or {})},
+        })
     if plan.private:
         summary["privacy"] = plan.private.summary(done)
     if stopped:

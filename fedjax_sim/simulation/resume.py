@@ -13,7 +13,7 @@ import numpy as np
 
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation.checkpoint import CheckpointOptions, RunCheckpoints, config_differences
-from fedjax_sim.simulation.results import Result, final_metrics
+from fedjax_sim.simulation.results import Result, run_summary
 from fedjax_sim.simulation.rundir import SUMMARY, RunDirectory
 
 
@@ -104,12 +104,8 @@ def finished_result(plan, files: RunDirectory, state, model_state, history, done
     rounds = plan.request.rounds
     summary = files.read_json(SUMMARY)
     if not summary or summary.get("rounds") != rounds:
-        summary = {"rounds": rounds, "final": final_metrics(history[-1]),
-                   "train_loss": history[-1]["train_loss"], "resumed_from_round": done}
-        if plan.private:
-            summary["privacy"] = plan.private.summary(done)
-        if done < rounds:
-            summary["stopped"] = plan.private.stop_message(done)
+        stopped = plan.private.stop_message(done) if done < rounds else None
+        summary = run_summary(plan, None, history, done, done, stopped)
         files.write_json(SUMMARY, summary)
     if summary.get("stopped") and progress:
         print(summary["stopped"])
