@@ -77,8 +77,10 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                    preferred_element_type=preferred_element_type)
 
 
-def conv_function(impl: str = "auto"):
+def conv_function(impl: str = "auto", backend: str | None = None):
     """The `conv_general_dilated` to give `nnx.Conv` for impl 'auto' | 'matmul' | 'xla'
-    ('auto': 'matmul' on CPU, see module doc; the XLA convolution on accelerators)."""
+    ('auto': 'matmul' on CPU, see module doc; the XLA convolution on accelerators).
+    `backend` ('cpu', 'gpu', 'tpu') is the platform 'auto' chooses for; default: the
+    current one, `jax.default_backend()`."""
     return select_kernel("conv_impl", impl, {"matmul": matmul_conv, "xla": lax.conv_general_dilated},
-                         cpu_default="matmul")
+                         cpu_default="matmul", backend=backend)

@@ -97,8 +97,11 @@ def explicit_transpose_dot_general(lhs, rhs, dimension_numbers, precision=None,
     return _matmul(x, rhs).reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
-def dense_function(impl: str = "auto"):
+def dense_function(impl: str = "auto", backend: str | None = None):
     """The `dot_general` to give `nnx.Linear` for impl 'auto' | 'explicit_transpose' | 'xla'
-    ('auto': 'explicit_transpose' on CPU, see module doc; XLA's dot on accelerators)."""
+    ('auto': 'explicit_transpose' on CPU, see module doc; XLA's dot on accelerators).
+    `backend` ('cpu', 'gpu', 'tpu') is the platform 'auto' chooses for; default: the
+    current one, `jax.default_backend()`."""
     return select_kernel("dense_impl", impl, {"explicit_transpose": explicit_transpose_dot_general,
-                                              "xla": lax.dot_general}, cpu_default="explicit_transpose")
+                                              "xla": lax.dot_general}, cpu_default="explicit_transpose",
+                         backend=backend)
