@@ -31,9 +31,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.models.substitute import substitute_kernels
 from fedjax_sim.trees import path_names, split, under
 
 PyTree = Any
+# What `from_nnx` / `from_linen` do with the model's convolutions and dense layers.
+KERNELS = ("auto", "substitute", "as_written")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,7 @@ def from_nnx(
     trainable: Any = nnx.Param,
     name: str | None = None,
     head: Sequence[str] | None = None,
+    kernels: str = "auto",
 ) -> Model:
     """Adapts an NNX module factory `make_module(rngs) -> module` to a `Model`.
 
@@ -137,7 +141,13 @@ def from_nnx(
     `head`: the names of the module's output-head attributes (e.g. ('fc',)), for a module
     that computes `self.head(self.features(x))` with methods `features` and `head`; it
     gives the model a `head_split` (what trains on cached features when the rest is frozen).
+
+    `kernels`: 'auto' (default) computes the module's XLA convolutions and dense-layer
+    matmuls with the zoo's CPU kernels when running on the CPU backend (models/substitute.py:
+    the same values, up to float round-off, several times faster in the engine's loops
+    there) and as written elsewhere; 'substitute' always; 'as_written' never.
     """
+    _check_kernels(kernels, "from_nnx")
     abstract = nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))
     graphdef, params_template, state_template = nnx.split(abstract, trainable, ...)
     stat_names = tuple(path_names(nnx.to_pure_dict(
@@ -148,11 +158,32 @@ def from_nnx(
         raise UserError(f"from_nnx(head={head}) needs {type(abstract).__name__} to define the "
                         f"methods features(x) and head(features)")
     return _nnx_model(make_module, input_shape, trainable, graphdef, params_template,
-                      state_template, stat_names, model_name, head, abstract, frozen_stats=False)
+                      state_template, stat_names, model_name, head, abstract, kernels,
+                      frozen_stats=False)
+
+
+def _check_kernels(kernels: str, adapter: str) -> None:
+    if kernels not in KERNELS:
+        raise UserError(f"{adapter}(kernels=...) must be 'auto', 'substitute' or 'as_written', "
+                        f"got {kernels!r}")
+
+
+def with_kernels(fn: Callable, kernels: str) -> Callable:
+    """`fn` (a model's apply) with its convolutions and dense layers computed as `kernels`
+    says (see `from_nnx`); 'auto' decides by the backend when `fn` is traced."""
+    if kernels == "as_written":
+        return fn
+    substituted = substitute_kernels(fn)
+    if kernels == "substitute":
+        return substituted
+
+    def auto(*args, **kwargs):
+        return (substituted if jax.default_backend() == "cpu" else fn)(*args, **kwargs)
+    return auto
 
 
 def _nnx_model(make_module, input_shape, trainable, graphdef, params_template, state_template,
-               stat_names, name, head, abstract, *, frozen_stats: bool) -> Model:
+               stat_names, name, head, abstract, kernels, *, frozen_stats: bool) -> Model:
 
     def make(rng: jax.Array) -> tuple[PyTree, PyTree]:
         module = make_module(nnx.Rngs(rng))
@@ -203,14 +234,16 @@ def _nnx_model(make_module, input_shape, trainable, graphdef, params_template, s
             out = module.head(f)
             return out, new_state(module)
 
-        head_split = HeadSplit(head, features, apply_head,
+        head_split = HeadSplit(head, with_kernels(features, kernels),
+                               with_kernels(apply_head, kernels),
                                _fixed_backbone(abstract, head, frozen_stats))
 
     def freeze_stats() -> Model:
         return _nnx_model(make_module, input_shape, trainable, graphdef, params_template,
-                          state_template, stat_names, name, head, abstract, frozen_stats=True)
+                          state_template, stat_names, name, head, abstract, kernels,
+                          frozen_stats=True)
 
-    return Model(init=init, apply=apply, input_shape=tuple(input_shape),
+    return Model(init=init, apply=with_kernels(apply, kernels), input_shape=tuple(input_shape),
                  name=name if not frozen_stats else f"{name}[frozen stats]",
                  stats=stat_names, freeze_stats=freeze_stats, head_split=head_split,
                  takes_batch_mask=True)
@@ -237,6 +270,7 @@ def from_linen(
     rng_collections: tuple[str, ...] = ("dropout",),
     name: str | None = None,
     frozen_norm_kwarg: str | None = None,
+    kernels: str = "auto",
 ) -> Model:
     """Adapts a Flax Linen module to a `Model`.
 
@@ -249,7 +283,12 @@ def from_linen(
     switches its BatchNorm and its dropout together, so the model cannot train with frozen
     statistics (`freeze_stats` is None) unless it has no dropout: give `frozen_norm_kwarg`,
     the name of a `__call__` flag that makes its BatchNorms use their running averages.
+
+    `kernels`: 'auto' (default) computes the module's XLA convolutions (`nn.Conv`) and
+    dense-layer matmuls (`nn.Dense`) with the zoo's CPU kernels when running on the CPU
+    backend, as written elsewhere; 'substitute' always; 'as_written' never (see `from_nnx`).
     """
+    _check_kernels(kernels, "from_linen")
 
     def call_kwargs(train: bool, frozen: bool = False) -> dict:
         kwargs = {train_kwarg: train} if train_kwarg else {}
@@ -276,7 +315,7 @@ def from_linen(
                 out, updated = result
                 return out, {**state, **dict(updated)}
             return result, state
-        return apply
+        return with_kernels(apply, kernels)
 
     abstract_state = jax.eval_shape(init, jax.random.key(0))[1]
     stat_names = tuple(n for n in path_names(abstract_state) if under(n, "batch_stats"))

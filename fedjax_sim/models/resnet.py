@@ -302,7 +302,7 @@ def _build(arch: str, block: type, stage_sizes: Sequence[int], input_shape: Sequ
                                         head_hidden=head_hidden, rngs=rngs),
                     tuple(int(d) for d in input_shape),
                     name=f"{arch}[{stem} stem, {norm} norm, width {width}{hidden}]",
-                    head=("fc_hidden", "fc") if head_hidden else ("fc",))
+                    head=("fc_hidden", "fc") if head_hidden else ("fc",), kernels="as_written")
 
 
 def resnet18(input_shape: Sequence[int], num_outputs: int, norm: str = "batch",

@@ -24,7 +24,8 @@ is the output one (num_outputs).
 
 Every zoo model's dense layers take `dense_impl` ('auto': on CPU the gradient's
 transposes are explicit copies, models/dense.py, which makes vmapped small dense layers
-~1.6x faster there; 'xla': XLA's own dot).
+~1.6x faster there; 'xla': XLA's own dot). Their kernels are chosen by these arguments,
+so they are built with `from_nnx(..., kernels='as_written')`.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def logistic_regression(input_shape: Sequence[int], num_outputs: int,
     dense_function(dense_impl)  # validate now, not inside the module factory
     return from_nnx(lambda rngs: LogisticRegression(features, num_outputs, dense_impl=dense_impl,
                                                     rngs=rngs),
-                    tuple(input_shape), name="logistic_regression")
+                    tuple(input_shape), name="logistic_regression", kernels="as_written")
 
 
 def mlp(input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (200, 200),
@@ -225,7 +226,8 @@ def mlp(input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (2
     dense_function(dense_impl)
     return from_nnx(lambda rngs: MLP(features, hidden, num_outputs, dropout=dropout,
                                      dense_impl=dense_impl, rngs=rngs),
-                    tuple(input_shape), name=f"mlp{list(hidden)}", head=("out",))
+                    tuple(input_shape), name=f"mlp{list(hidden)}", head=("out",),
+                    kernels="as_written")
 
 
 def cnn(input_shape: Sequence[int], num_outputs: int, conv_impl: str = "auto",
@@ -238,7 +240,7 @@ def cnn(input_shape: Sequence[int], num_outputs: int, conv_impl: str = "auto",
     dense_function(dense_impl)
     return from_nnx(lambda rngs: CNN(tuple(input_shape), num_outputs, conv_impl=conv_impl,
                                      dense_impl=dense_impl, rngs=rngs),
-                    tuple(input_shape), name="cnn", head=("out",))
+                    tuple(input_shape), name="cnn", head=("out",), kernels="as_written")
 
 
 def _sequence_length(model: str, input_shape: Sequence[int]) -> int:
@@ -270,7 +272,7 @@ def char_lstm(input_shape: Sequence[int], num_outputs: int, embed_dim: int = 8,
     return from_nnx(lambda rngs: CharLSTM(num_outputs, embed_dim=embed_dim, hidden=hidden,
                                           num_layers=num_layers, dense_impl=dense_impl,
                                           rngs=rngs),
-                    (length,), name=f"char_lstm[{num_layers}x{hidden}]")
+                    (length,), name=f"char_lstm[{num_layers}x{hidden}]", kernels="as_written")
 
 
 def char_transformer(input_shape: Sequence[int], num_outputs: int, dim: int = 64,
@@ -292,7 +294,7 @@ def char_transformer(input_shape: Sequence[int], num_outputs: int, dim: int = 64
     return from_nnx(lambda rngs: CharTransformer(length, num_outputs, dim=dim, heads=heads,
                                                  layers=layers, mlp_dim=mlp_dim,
                                                  dense_impl=dense_impl, rngs=rngs),
-                    (length,), name=f"char_transformer[{layers}x{dim}]")
+                    (length,), name=f"char_transformer[{layers}x{dim}]", kernels="as_written")
 
 
 ZOO = {"logistic_regression": logistic_regression, "mlp": mlp, "cnn": cnn,
