@@ -118,13 +118,15 @@ def resolve_engine(options: EngineOptions, *, backend: str, conv: bool, num_step
     second's worth, see TARGET_SECONDS_PER_CALL). On CPU, clients with heavy local steps
     (`step_flops` > CPU_VMAP_MAX_STEP_FLOPS) run one after another instead of vmapped.
     The exception is an XLA convolution on CPU (`conv`: the zoo's models use im2col
-    convolutions there and are not affected): inside any loop body it runs ~10x slower,
-    so such a model gets no loop at all: steps unrolled and one round per call.
+    convolutions there, and `from_nnx` / `from_linen` models get them too, see
+    models/substitute.py): inside any loop body it runs ~10x slower, so such a model gets
+    no loop at all: the cohort vmapped whatever a step costs (a grouped convolution, ~2x
+    faster than clients one after another), steps unrolled and one round per call.
     """
     chunk, unroll, per_call = options.clients_per_chunk, options.unroll, options.rounds_per_call
     cpu = backend == "cpu"
     if chunk == "auto":
-        chunk = 1 if (cpu and step_flops > CPU_VMAP_MAX_STEP_FLOPS) else None
+        chunk = 1 if (cpu and not conv and step_flops > CPU_VMAP_MAX_STEP_FLOPS) else None
     if unroll == "auto":
         unroll = True if (cpu and (conv or num_steps <= MAX_AUTO_UNROLL)) else 1
     adaptive = per_call == "auto"
