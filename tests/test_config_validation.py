@@ -243,7 +243,7 @@ BAD = [
      "known keys in config.checkpoint: every_rounds, every_seconds, max_to_keep"),
     ("digits_fedavg", {"engine": "{'unrol': 2}"},
      "unknown config key 'engine.unrol'; did you mean 'engine.unroll'? known keys in config.engine: "
-     "client_states, clients_per_chunk, data_placement, device_data_budget, rounds_per_call, unroll"),
+     "client_states, clients_per_chunk, data_placement, device_data_budget, mesh, rounds_per_call, unroll"),
     ("digits_fedavg", {"model": "{'name': 'mlp', 'arg': {}}"},
      "unknown config key 'model.arg'; did you mean 'model.args'?"),
     ("digits_fedavg", {"data": "{'source': 'digits', 'num_client': 10}"},

@@ -51,6 +51,10 @@ class EngineOptions:
     device_data_budget: bytes of device memory the training data may take (an int or a
       size such as '2GiB'); with 'host' placement one call's streamed rows must fit it too
       (rounds_per_call is lowered until they do).
+    mesh: how many devices share each cohort (engine.mesh): 'auto' = every device of
+      every process when there is more than one, an integer d = the first d devices, None
+      or 1 = one device. Each device trains its share of the cohort (chunked or vmapped
+      as above) and the sums meet in one cross-device reduction.
     """
 
     clients_per_chunk: int | None | str = "auto"
@@ -59,6 +63,7 @@ class EngineOptions:
     client_states: str = "auto"
     data_placement: str = "auto"
     device_data_budget: int | str | None = None
+    mesh: int | str | None = "auto"
 
     def __post_init__(self):
         if self.client_states not in PLACEMENTS:
@@ -68,6 +73,10 @@ class EngineOptions:
             raise UserError(f"engine.data_placement must be one of {list(DATA_PLACEMENTS)}, got "
                             f"{self.data_placement!r}")
         parse_bytes(self.device_data_budget)
+        if not (self.mesh is None or self.mesh == "auto" or (
+                isinstance(self.mesh, int) and not isinstance(self.mesh, bool) and self.mesh >= 1)):
+            raise UserError(f"engine.mesh must be 'auto', None or a device count >= 1, got "
+                            f"{self.mesh!r}")
 
 
 def has_convolution(model, params, model_state, example_x) -> bool:

@@ -36,6 +36,7 @@ from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, po
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.contracts import (STATS_KEY, AggregatorPart, Algorithm, Cohort, Problem,
                                          RoundSums)
+from fedjax_sim.engine import mesh as mesh_lib
 from fedjax_sim.engine.local import LocalData
 from fedjax_sim.trees import merge
 
@@ -125,7 +126,7 @@ PERMUTATION_MAX_CLIENTS = 4096
 
 
 def sample_cohort(key: jax.Array, num_clients: int, m: int) -> jax.Array:
-    """m distinct client ids, every m-subset equally likely.
+    """m distinct client ids, every m-subset equally likely, in random order.
 
     Small populations use `jax.random.choice(..., replace=False)`, which permutes all N ids
     (O(N log N): 5 ms a round for N = 10,000 on a 2-core CPU, more than a small model's
@@ -174,7 +175,7 @@ class RoundProgram:
                  schedule: Schedule, *, num_clients: int, max_client_size: int,
                  clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool,
                  sampling: ClientSampling | None = None, preprocess=None,
-                 stats_mode: str | None = None):
+                 stats_mode: str | None = None, mesh=None):
         """`preprocess(batch, rng, train)` (data.augment.Preprocess) converts and augments
         each local batch on device; None feeds the stored features as they are.
 
@@ -185,6 +186,9 @@ class RoundProgram:
         aggregation weights. 'local': as 'averaged', but every client starts from and keeps
         its own (the algorithm, algorithms.LocalStatistics, holds them per client);
         `SimState.stats` stays as it is.
+
+        `mesh`: a `jax.sharding.Mesh` (engine.mesh) to spread each cohort over, or None
+        for one device.
         """
         if stats_mode not in (None, "averaged", "local"):
             raise ValueError(f"stats_mode must be None, 'averaged' or 'local', got {stats_mode!r}")
@@ -196,6 +200,7 @@ class RoundProgram:
         self.sampling = sampling or ClientSampling("fixed", clients_per_round)
         self.clients_per_round = self.sampling.slots
         self.clients_per_chunk, self.unroll = clients_per_chunk, unroll
+        self.mesh = mesh
         self._jit = jax.jit(self._run_rounds, static_argnames=("max_rounds",),
                             donate_argnames=("state",))
 
@@ -203,10 +208,23 @@ class RoundProgram:
         """The initial state; a stateful algorithm's client states are C copies of
         `client_state_init(params)`, as device arrays or (client_states='host') numpy.
         `stats`: the model's initial running statistics (kept where clients update them)."""
-        return SimState(self.algorithm.server_init(params), self.aggregator.init(params),
-                        self.initial_client_states(params, host=client_states == "host"),
-                        jax.tree_util.tree_map(jnp.array, stats)
-                        if self.stats_mode is not None else None)
+        state = SimState(self.algorithm.server_init(params), self.aggregator.init(params),
+                         self.initial_client_states(params, host=client_states == "host"),
+                         jax.tree_util.tree_map(jnp.array, stats)
+                         if self.stats_mode is not None else None)
+        return self.place(state, host_clients=client_states == "host")
+
+    def place(self, state: SimState, host_clients: bool = False) -> SimState:
+        """`state` on the mesh (server state replicated, client states split by client);
+        unchanged without a mesh. Host-kept client states stay where they are."""
+        if self.mesh is None:
+            return state
+        shardings = mesh_lib.state_shardings(self.mesh, state)
+        if host_clients:
+            shardings = shardings._replace(clients=None)
+            clients, state = state.clients, state._replace(clients=None)
+            return mesh_lib.put(state, shardings)._replace(clients=clients)
+        return mesh_lib.put(state, shardings)
 
     def initial_client_states(self, params: PyTree, host: bool = False) -> PyTree:
         one = self.algorithm.client_state_init(params)
@@ -235,9 +253,14 @@ class RoundProgram:
         compiled = self._jit.lower(state, data, model_state, root, jnp.int32(0), jnp.int32(1),
                                    rows, max_rounds=max_rounds).compile()
 
+        placements = compiled.input_shardings[0][:4] + compiled.input_shardings[0][6:]
+
         def run(state, data, model_state, root, start, count, rows=None):
             if not 1 <= count <= max_rounds:
                 raise ValueError(f"count must be in [1, {max_rounds}], got {count}")
+            if self.mesh is not None:  # e.g. host-streamed tables, restored checkpoints
+                state, data, model_state, root, rows = mesh_lib.put(
+                    (state, data, model_state, root, rows), placements)
             return compiled(state, data, model_state, root, jnp.int32(start), jnp.int32(count),
                             rows)
 
@@ -262,8 +285,14 @@ class RoundProgram:
             return state, buffer
 
         if max_rounds == 1:
-            return one(0, (state, buffer))
-        return jax.lax.fori_loop(0, count, one, (state, buffer))
+            state, buffer = one(0, (state, buffer))
+        else:
+            state, buffer = jax.lax.fori_loop(0, count, one, (state, buffer))
+        if self.mesh is not None:  # the next call receives the state as it was placed
+            state = jax.lax.with_sharding_constraint(
+                state, mesh_lib.state_shardings(self.mesh, state))
+            buffer = jax.lax.with_sharding_constraint(buffer, mesh_lib.replicated(self.mesh))
+        return state, buffer
 
     def _draw_round(self, root, r, *, per_client: bool) -> RoundDraws:
         """Round r's cohort and keys, and with `per_client` every cohort client's draws."""
@@ -297,11 +326,12 @@ class RoundProgram:
     def _client_draws(self, k_clients, cid):
         return client_randomness(k_clients, cid, bits_needed(self.schedule, self.max_client_size))
 
-    def _poisson_chunk(self) -> int:
-        """Chunk size for a Poisson cohort: a quarter of the expected cohort (so the
-        padding run beyond the real clients averages ~1/8 of it), or the engine's smaller
-        chunk (e.g. 1 for heavy models on CPU)."""
-        expected = self.sampling.rate * self.num_clients
+    def _poisson_chunk(self, devices: int = 1) -> int:
+        """Chunk size for a Poisson cohort: a quarter of the expected cohort (of a
+        device's share of it on a mesh), so the padding run beyond the real clients
+        averages ~1/8 of it, or the engine's smaller chunk (e.g. 1 for heavy models on
+        CPU)."""
+        expected = self.sampling.rate * self.num_clients / devices
         k = max(1, math.ceil(expected / 4))
         if self.clients_per_chunk is not None:
             k = min(k, self.clients_per_chunk)
@@ -336,7 +366,7 @@ class RoundProgram:
         row_of = (lambda cid: cid) if rows is None else (lambda cid: rows[cid])
 
         def client(per_client):
-            cid, live, drawn_for_client = per_client
+            cid, live, drawn_for_client, own = per_client
             k_train, k_agg_client, bits = (drawn_for_client if drawn_for_client is not None
                                            else self._client_draws(drawn.k_clients, cid))
             n = data.sizes[cid]
@@ -346,10 +376,10 @@ class RoundProgram:
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
                               live=steps_live, preprocess=self._train_preprocess,
                               stats=state.stats if self.stats_mode is not None else None)
-            # The client's state row is gathered here, inside the map, so only a chunk's
-            # rows are materialised at a time.
-            own = (None if table is None else
-                   jax.tree_util.tree_map(lambda t: t[row_of(cid)], table))
+            # Without a mesh the client's state row is gathered here, inside the map, so
+            # only a chunk's rows are materialised at a time.
+            if own is None and table is not None:
+                own = jax.tree_util.tree_map(lambda t: t[row_of(cid)], table)
             out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local,
                                           k_train, own)
             metrics = dict(out.metrics)
@@ -365,14 +395,25 @@ class RoundProgram:
             return weight, summed, (keep(metrics), keep(report), out.client_state,
                                     keep(out.extras), (keep(delta), weight) if stacked else ())
 
-        if self.sampling.kind == "poisson":
+        poisson = self.sampling.kind == "poisson"
+        if self.mesh is not None:
+            # On a mesh a device can read only its own rows of a split table: the cohort's
+            # rows are gathered here and each device receives its clients' rows.
+            own = (None if table is None else
+                   jax.tree_util.tree_map(lambda t: t[row_of(cohort)], table))
+            total, denominator, outs = mesh_lib.map_clients_on_mesh(
+                self.mesh, lambda pc, alive: client((pc[0], alive, pc[1], pc[2])),
+                (cohort, drawn.clients, own), drawn.live,
+                self._poisson_chunk(self.mesh.size) if poisson else self.clients_per_chunk,
+                leading_live=poisson)
+        elif poisson:
             # The real clients fill the first slots: run only the chunks that hold them.
             total, denominator, outs = map_clients(
-                client, (cohort, drawn.live, drawn.clients), self._poisson_chunk(),
+                client, (cohort, drawn.live, drawn.clients, None), self._poisson_chunk(),
                 count=jnp.sum(drawn.live.astype(jnp.int32)))
         else:
             total, denominator, outs = map_clients(
-                client, (cohort, drawn.live, drawn.clients), self.clients_per_chunk)
+                client, (cohort, drawn.live, drawn.clients, None), self.clients_per_chunk)
         train_sums, client_reports, new_rows, extras, cohort_updates = outs
         total, stats_total = total
         new_stats = state.stats

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.simulation import processes
 from fedjax_sim.simulation.checkpoint import CheckpointOptions, RunCheckpoints, config_differences
 from fedjax_sim.simulation.results import Result, run_summary
 from fedjax_sim.simulation.rundir import SUMMARY, RunDirectory
@@ -26,7 +27,7 @@ class Saver:
     rounds, every s seconds of training, at the end, and on Ctrl-C)."""
 
     def __init__(self, files: RunDirectory, options: CheckpointOptions, root, run_config):
-        self.checkpoints = RunCheckpoints(files.checkpoints, options)
+        self.checkpoints = RunCheckpoints(files.checkpoints, options, writer=files.writer)
         self.options, self._root, self._config = options, root, run_config
         self.saved_round, self._last_save = 0, time.perf_counter()
 
@@ -41,7 +42,8 @@ class Saver:
     def restore(self, state, model_state, rounds: int, allow_config_change: bool):
         """(state, model_state, rounds done, history) from the newest intact checkpoint, or
         the given state at round 0 where there is none."""
-        restored = self.checkpoints.restore_latest({"sim": state, "model_state": model_state})
+        restored = self.checkpoints.restore_latest(
+            processes.local({"sim": state, "model_state": model_state}))
         if restored is None:
             return state, model_state, 0, []
         tree, meta = restored
@@ -51,14 +53,17 @@ class Saver:
 
     def due(self, done: int, last: bool) -> bool:
         every, seconds = self.options.every_rounds, self.options.every_seconds
-        return last or bool(every and done % every == 0) or (
-            seconds is not None and time.perf_counter() - self._last_save >= seconds)
+        # Saving gathers state split across processes: all decide as process 0 does.
+        return processes.agree(last or bool(every and done % every == 0) or (
+            seconds is not None and time.perf_counter() - self._last_save >= seconds))
 
     def save(self, done: int, state, model_state, history: list[dict]) -> None:
         # A copy of the history: the save is written in the background while it grows.
         meta = {"root_key": _root_data(self._root), "history": list(history),
                 "config": self._config}
-        self.checkpoints.save(done, {"sim": state, "model_state": model_state}, meta)
+        tree = processes.local({"sim": state, "model_state": model_state})
+        if self.checkpoints.writer:
+            self.checkpoints.save(done, tree, meta)
         self.saved_round, self._last_save = done, time.perf_counter()
 
     def last_good(self) -> str:
@@ -78,7 +83,7 @@ class Saver:
             raise UserError(f"the checkpoint in {directory} was made with another seed; use the "
                             f"same seed to resume, or a fresh --workdir")
         diffs = config_differences(meta.get("config") or {}, self._config,
-                                   ignore=lambda key: key == "rounds" or key.startswith("checkpoint."))
+                                   ignore=_may_change_on_resume)
         if diffs and not allow_config_change:
             raise UserError(f"the run in {directory} was started with a different config "
                             f"({'; '.join(diffs)}); rerun with the same config, pass "
@@ -116,3 +121,13 @@ def finished_result(plan, files: RunDirectory, state, model_state, history, done
                   summary, state.clients)
 
 
+# Settings a run may resume with changed: where and on how many devices or processes it
+# runs, how many rounds one call fuses, where states and data live. The numbers do not
+# depend on them (up to the order of float additions across devices).
+PLACEMENT_KEYS = ("engine.mesh", "engine.rounds_per_call", "engine.client_states",
+                  "engine.data_placement", "engine.device_data_budget")
+
+
+def _may_change_on_resume(key: str) -> bool:
+    return (key == "rounds" or key.startswith(("checkpoint.", "distributed."))
+            or key in PLACEMENT_KEYS)

@@ -24,6 +24,7 @@ from fedjax_sim.engine.client_states import device_memory_bytes, resolve_placeme
 from fedjax_sim.engine.contracts import Problem
 from fedjax_sim.engine.options import (EngineOptions, client_step_flops, has_convolution,
                                        resolve_engine)
+from fedjax_sim.engine.mesh import describe as describe_mesh, put as put_on_mesh, replicated, resolve_mesh
 from fedjax_sim.engine.round import DeviceData, RoundProgram
 from fedjax_sim.engine.streaming import HostData, data_bytes, parse_bytes, resolve_data_placement
 from fedjax_sim.errors import UserError
@@ -244,17 +245,22 @@ def plan_run(request: RunRequest) -> RunPlan:
                             num_steps=schedule.num_steps,
                             clients_per_round=sampling.slots if sampling else r.clients_per_round,
                             step_flops=client_step_flops(problem, params, example_batch))
+    mesh = resolve_mesh(r.engine.mesh)
+    choice["mesh"] = describe_mesh(mesh)
     program = RoundProgram(algorithm, problem, aggregator, schedule,
                            num_clients=train_data.num_clients,
                            max_client_size=train_data.max_client_size,
                            clients_per_round=r.clients_per_round,
                            clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"],
-                           sampling=sampling, preprocess=preprocess, stats_mode=stats_mode)
+                           sampling=sampling, preprocess=preprocess, stats_mode=stats_mode,
+                           mesh=mesh)
     data_placement = resolve_data_placement(
         r.engine.data_placement, data_bytes(train_data), parse_bytes(r.engine.device_data_budget),
         None if backend == "cpu" else device_memory_bytes())
     streamer = HostData(train_data) if data_placement == "host" else None
     data = DeviceData.from_federated(train_data) if streamer is None else None
+    if data is not None and mesh is not None:
+        data = put_on_mesh(data, jax.tree_util.tree_map(lambda _: replicated(mesh), data))
     evaluators = _evaluators(r, model, task, algorithm, datasets, preprocess, root, data, streamer)
     one_client = algorithm.client_state_init(params)
     client_states = None if one_client is None else resolve_placement(
