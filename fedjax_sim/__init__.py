@@ -10,9 +10,11 @@
 
 from fedjax_sim import aggregators, algorithms, data, engine, models, privacy
 from fedjax_sim.errors import UserError
-from fedjax_sim.simulation import CheckpointOptions, EngineOptions, FineTune, Result, simulate
+from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
+                                   Result, initialize_distributed, simulate)
 from fedjax_sim.simulation.checkpoint import load_params
 
 __version__ = "0.1.0"
 __all__ = ["simulate", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
-           "algorithms", "aggregators", "engine", "privacy"]
+           "algorithms", "aggregators", "engine", "privacy", "DistributedOptions",
+           "initialize_distributed"]

@@ -14,17 +14,17 @@ import dataclasses
 
 from fedjax_sim import registry
 from fedjax_sim.privacy import AdaptiveClipping
-from fedjax_sim.simulation import EngineOptions, FineTune
+from fedjax_sim.simulation import DistributedOptions, EngineOptions, FineTune
 from fedjax_sim.cli.rules import get, is_section
 
 __all__ = ["TOP_LEVEL_KEYS", "CHECKPOINT_DEFAULTS", "MODEL_KEYS", "PRETRAINED_KEYS",
-           "OPTIMIZER_KEYS", "PREPROCESS_KEYS", "FINETUNE_KEYS", "ENGINE_KEYS", "PRIVACY_KEYS",
+           "OPTIMIZER_KEYS", "PREPROCESS_KEYS", "FINETUNE_KEYS", "ENGINE_KEYS", "DISTRIBUTED_KEYS", "PRIVACY_KEYS",
            "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "FREE", "keys_at",
            "algorithm_keys"]
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
                   "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess",
-                  "batch_norm", "feature_cache")
+                  "batch_norm", "feature_cache", "distributed")
 # When a config has no `checkpoint` section (or leaves a key of it out).
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 MODEL_KEYS = ("name", "num_outputs", "args", "trainable", "pretrained")
@@ -36,6 +36,8 @@ PREPROCESS_KEYS = ("scale", "mean", "std", "crop_padding", "flip", "resize")
 # The per-client fine-tuning evaluation (config.finetune; absent or None: none).
 FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(FineTune) if f.name != "optimizer")
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
+# config.distributed: how this process joins a multi-process run (DistributedOptions).
+DISTRIBUTED_KEYS = tuple(f.name for f in dataclasses.fields(DistributedOptions))
 # config.privacy: `level` picks the dataclass (registry.PRIVACY_LEVELS), whose fields are
 # that level's keys; the section accepts the keys of both levels.
 PRIVACY_LEVEL_KEYS = {level: tuple(f.name for f in dataclasses.fields(cls))
@@ -54,6 +56,7 @@ _FIXED = {
     ("model", "args"): FREE,
     ("model", "pretrained"): PRETRAINED_KEYS,
     ("engine",): ENGINE_KEYS,
+    ("distributed",): DISTRIBUTED_KEYS,
     ("checkpoint",): tuple(CHECKPOINT_DEFAULTS),
     ("privacy",): PRIVACY_KEYS,
     ("privacy", "adaptive_clipping"): ADAPTIVE_CLIPPING_KEYS,

@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="resume the run in --workdir even though the config differs from "
                             "the one it was started with")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    many = train.add_argument_group(
+        "multi-process runs", "one process per host (or per accelerator); every process runs "
+        "the same command. --distributed lets JAX detect SLURM, Open MPI or a TPU pod; "
+        "elsewhere give --coordinator, --num-processes and --process-id (or config.distributed)")
+    many.add_argument("--distributed", action="store_true",
+                      help="join a multi-process run whose layout JAX detects")
+    many.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                      help="process 0's address, the same for every process")
+    many.add_argument("--num-processes", type=int, default=None)
+    many.add_argument("--process-id", type=int, default=None)
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     add_privacy_parser(sub)
     data = sub.add_parser("data", help="inspect the federated data a config builds")
@@ -70,6 +80,7 @@ def _train(args, overrides) -> int:
     from fedjax_sim.cli.experiment import run
 
     config = load_config(args.config, overrides)
+    _join_processes(args, config)
     result = run(config, args.workdir, progress=not args.no_progress,
                  allow_config_change=args.allow_config_change)
     summary = result.summary
@@ -97,6 +108,22 @@ def _train(args, overrides) -> int:
     else:
         print(json.dumps(summary["final"]))
     return 0
+
+
+def _join_processes(args, config) -> None:
+    """Joins a multi-process run where the flags or config.distributed ask for one (before
+    anything else touches JAX's devices)."""
+    from fedjax_sim.cli.options import distributed_options
+    from fedjax_sim.simulation import DistributedOptions, initialize_distributed
+
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    options = distributed_options(config)
+    if any(v is not None for v in flags):
+        options = DistributedOptions(*flags)
+    elif args.distributed and options is None:
+        options = DistributedOptions()
+    if options is not None:
+        initialize_distributed(options)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

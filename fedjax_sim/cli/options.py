@@ -17,13 +17,13 @@ from fedjax_sim import registry
 from fedjax_sim.data import Preprocess
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import AdaptiveClipping
-from fedjax_sim.simulation import CheckpointOptions, EngineOptions, FineTune
+from fedjax_sim.simulation import CheckpointOptions, DistributedOptions, EngineOptions, FineTune
 from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, CHECKPOINT_DEFAULTS, PRIVACY_KEYS,
                                    PRIVACY_LEVEL_KEYS, PRIVACY_UNSET)
 from fedjax_sim.cli.rules import as_dict, check_keys, get, is_section, section, show
 
 __all__ = ["build_optimizer", "build_algorithm", "privacy_options", "preprocess_options",
-           "finetune_options", "checkpoint_options", "engine_options"]
+           "finetune_options", "checkpoint_options", "engine_options", "distributed_options"]
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
@@ -63,6 +63,18 @@ def checkpoint_options(config) -> CheckpointOptions:
 
 def engine_options(config) -> EngineOptions:
     return EngineOptions(**dict(get(config, "engine") or {}))
+
+
+def distributed_options(config) -> DistributedOptions | None:
+    """config.distributed as `DistributedOptions`; None where the config has no such
+    section (a single-process run unless the command line asks for one)."""
+    section = get(config, "distributed")
+    if section is None:
+        return None
+    values = dict(section)
+    if values.get("local_device_ids") is not None:
+        values["local_device_ids"] = tuple(values["local_device_ids"])
+    return DistributedOptions(**values)
 
 
 def preprocess_options(config):

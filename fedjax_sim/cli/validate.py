@@ -42,7 +42,8 @@ from fedjax_sim.models.pretrained import FORMATS as PRETRAINED_FORMATS
 from fedjax_sim.privacy import ClientLevelDP
 from fedjax_sim.simulation import BATCH_NORM_MODES, resolve_engine
 from fedjax_sim.cli import layout
-from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, engine_options,
+from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, distributed_options,
+                                    engine_options,
                                     finetune_options, preprocess_options, privacy_options)
 from fedjax_sim.cli.rules import (ALGORITHM_RULES, ARG_RULES, DATA_RULES, FRACTION,
                                   LAYER_SIZES, PATHS, POSITIVE_INT, Rule, check, check_args,
@@ -342,6 +343,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_algorithm(config)
         _check_engine(config)
         _check_section(config, "checkpoint", checkpoint_options)
+        _check_section(config, "distributed", distributed_options)
         _check_privacy(config)
         _check_finetune(config)
         _check_preprocess(config)

@@ -20,6 +20,7 @@ from fedjax_sim.engine.client_states import HostClientStates
 from fedjax_sim.engine.options import TARGET_SECONDS_PER_CALL
 from fedjax_sim.engine.streaming import parse_bytes
 from fedjax_sim.errors import UserError
+from fedjax_sim.simulation import processes
 
 
 class RoundCalls:
@@ -76,7 +77,8 @@ class RoundCalls:
         self.train_seconds += seconds
         if self.adaptive:
             per_round = max(seconds / count, 1e-9)
-            self._target = int(min(self.per_call, max(1, TARGET_SECONDS_PER_CALL // per_round)))
+            self._target = processes.agree(
+                int(min(self.per_call, max(1, TARGET_SECONDS_PER_CALL // per_round))))
         finite = np.asarray(metrics.pop("_params_finite"))
         rows = [{"round": done + i + 1, **{k: _scalar(v[i]) for k, v in metrics.items()}}
                 for i in range(count)]

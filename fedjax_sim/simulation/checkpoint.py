@@ -148,10 +148,11 @@ def _short(error: BaseException) -> str:
 class RunCheckpoints:
     """The checkpoints of one run directory (`<workdir>/checkpoints`)."""
 
-    def __init__(self, directory: str, options: CheckpointOptions):
+    def __init__(self, directory: str, options: CheckpointOptions, writer: bool = True):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.writer = writer
         self.directory = os.path.abspath(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise UserError(f"checkpoint directory {self.directory} exists and is not a directory; "
@@ -163,11 +164,17 @@ class RunCheckpoints:
                             f"choose a writable --workdir") from None
         # orbax logs every save at INFO level; keep the run's output to its own lines.
         logging.getLogger("absl").setLevel(logging.WARNING)
+        # The state is saved whole, from host copies, by one process (the writer; the
+        # others only read on resume): each process's manager coordinates with itself.
+        me = jax.process_index()
+        alone = ({} if jax.process_count() == 1 else {
+            "multiprocessing_options": ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})})
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=options.max_to_keep, create=True, cleanup_tmp_directories=True,
-                enable_async_checkpointing=True))
+                max_to_keep=options.max_to_keep, create=False, cleanup_tmp_directories=writer,
+                enable_async_checkpointing=True, read_only=not writer, **alone))
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -217,7 +224,7 @@ class RunCheckpoints:
             if checksum(host) != meta.get("checksum"):
                 skipped.append((step, f"round {step}: checksum mismatch (the files were altered or truncated)"))
                 continue
-            if skipped:
+            if skipped and self.writer:
                 # Move the damaged ones aside: the run will save those rounds again.
                 aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
                 os.makedirs(aside, exist_ok=True)

@@ -16,6 +16,7 @@ from fedjax_sim.engine.options import EngineOptions
 from fedjax_sim.errors import Interrupted, UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
+from fedjax_sim.simulation import processes
 from fedjax_sim.simulation.calls import RoundCalls, first_divergence
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.simulation.evaluation import FineTune
@@ -52,7 +53,7 @@ def simulate(
     `fedjax_sim.errors.Interrupted`, whose message says how to resume.
     """
     plan = plan_run(RunRequest(**locals()))
-    files = RunDirectory(workdir) if workdir else None
+    files = RunDirectory(workdir, writer=processes.is_primary()) if workdir else None
     saver = Saver(files, checkpoint, plan.root, plan.run_config) \
         if files and checkpoint.enabled else None
     state, model_state = plan.initial_state(), plan.model_state
@@ -92,9 +93,9 @@ def simulate(
                                     f"{saver.last_good() if saver else ''}")
                 done += count
                 if done % eval_every == 0 or last:
-                    evaluated, client_metrics = plan.evaluators(
+                    evaluated, client_metrics = plan.evaluators(*processes.local((
                         plan.algorithm.params(state.server),
-                        plan.current_model_state(model_state, state), state.clients)
+                        plan.current_model_state(model_state, state), state.clients)))
                     rows[-1].update(evaluated)
                 log.log(rows)
                 bar.update(count, rows[-1], (done - start_round) / max(calls.train_seconds, 1e-9))
@@ -113,6 +114,7 @@ def simulate(
     if stopped:
         warn_stop(stopped)
     summary = run_summary(plan, calls, history, start_round, done, stopped)
+    state = processes.local(state)
     params = plan.algorithm.params(state.server)
     if files:
         files.write_json(SUMMARY, summary)

@@ -47,9 +47,13 @@ def atomic_write(path: str, text: str) -> None:
 
 
 class RunDirectory:
-    """The files of one run in `workdir` (created if needed)."""
+    """The files of one run in `workdir` (created if needed).
 
-    def __init__(self, workdir: str):
+    `writer=False` (every process but the first of a multi-process run): the directory
+    is read (checkpoints, a finished run's summary) but never written."""
+
+    def __init__(self, workdir: str, writer: bool = True):
+        self.writer = writer
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise UserError(f"workdir {workdir} exists and is not a directory; choose another path")
         try:
@@ -64,6 +68,8 @@ class RunDirectory:
         return os.path.join(self.workdir, name)
 
     def write_json(self, name: str, value) -> None:
+        if not self.writer:
+            return
         atomic_write(self.path(name), json.dumps(json_safe(value), indent=2, default=str))
 
     def read_json(self, name: str):
@@ -73,9 +79,13 @@ class RunDirectory:
             return json.load(f)
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
+        if not self.writer:
+            return
         atomic_write(self.path(METRICS), "".join(metrics_line(row) for row in rows))
 
     def export_params(self, params) -> None:
+        if not self.writer:
+            return
         export_params(params, self.path(PARAMS))
 
 
@@ -89,7 +99,7 @@ class MetricsLog:
                  callback: Callable[[dict], None] | None):
         self.history, self._callback = history, callback
         self._writer = None
-        if files is not None:
+        if files is not None and files.writer:
             files.rewrite_metrics(history)
             self._writer = open(files.path(METRICS), "a")
 
