@@ -303,7 +303,7 @@ class FederatedData:
 
     def empty_clients(self) -> list[str]:
         """Ids of clients with n_i == 0."""
-        return [cid for cid, n in zip(self.client_ids, self.client_sizes) if n == 0]
+        return [self.client_ids[i] for i in np.flatnonzero(self.client_sizes == 0)]
 
     def drop_empty(self) -> FederatedData:
         """The clients with n_i > 0, in their original order."""

@@ -110,8 +110,16 @@ def checksum(host: PyTree) -> str:
     for (path, x) in jax.tree_util.tree_flatten_with_path(host)[0]:
         x = np.ascontiguousarray(x)
         digest.update(f"{_path_name(path)}|{x.dtype}|{x.shape}|".encode())
-        digest.update(x.tobytes())
+        digest.update(_raw_bytes(x))
     return digest.hexdigest()
+
+
+def _raw_bytes(x: np.ndarray):
+    """The bytes `x.tobytes()` gives for a contiguous array, as a view: hashing a large
+    training set must not hold a second copy of it in memory."""
+    if x.dtype.hasobject or x.size == 0:
+        return x.tobytes()
+    return memoryview(x.reshape(-1).view(np.uint8))
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

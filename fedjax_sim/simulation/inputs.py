@@ -87,7 +87,7 @@ def _check_keys(features, what, task, input_key) -> None:
 def _check_finite(features, what, task, input_key, federated=None) -> None:
     for key in (input_key, task.label_key):
         values = np.asarray(features[key])
-        if not np.issubdtype(values.dtype, np.inexact):
+        if not np.issubdtype(values.dtype, np.inexact) or _all_finite(values):
             continue
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         if bad.any():
@@ -98,3 +98,10 @@ def _check_finite(features, what, task, input_key, federated=None) -> None:
                 where = f"example {first} (client {federated.client_ids[client]!r})"
             raise UserError(f"{what}'s {key!r} holds NaN or Inf in {int(bad.sum())} example(s), "
                             f"first at {where}; clean or drop those examples before training")
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """np.isfinite(values).all(), a block of rows at a time: no temporary as large as the
+    data, and no per-row reduction (which costs ~10x more) unless a value is bad."""
+    rows = max(1, (1 << 22) // max(1, values[:1].size))
+    return all(bool(np.isfinite(values[lo:lo + rows]).all()) for lo in range(0, len(values), rows))

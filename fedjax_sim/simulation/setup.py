@@ -172,12 +172,21 @@ class RunPlan:
     streamer: HostData | None
     data: DeviceData | None
     evaluators: Evaluators
-    run_config: dict
+    describe: Callable[[], dict]  # builds run_config, when it is first needed
     cache_info: dict | None
 
     @property
     def slots(self) -> int:
         return self.program.clients_per_round
+
+    @property
+    def run_config(self) -> dict:
+        """What identifies the run (the request's `config`, else `describe_run`), built the
+        first time a run directory asks: describing the data hashes every example, seconds
+        for a million clients, which a run without a workdir never needs."""
+        if not hasattr(self, "_run_config"):
+            self._run_config = self.describe()
+        return self._run_config
 
     def initial_state(self):
         return self.program.init(self.params, self.client_states or "device", stats=self.stats)
@@ -265,7 +274,7 @@ def plan_run(request: RunRequest) -> RunPlan:
     one_client = algorithm.client_state_init(params)
     client_states = None if one_client is None else resolve_placement(
         r.engine.client_states, one_client, train_data.num_clients, backend)
-    run_config = r.config if r.config is not None else describe_run(
+    describe = (lambda: r.config) if r.config is not None else lambda: describe_run(
         model=model, algorithm=algorithm, train_data=train_data, task=task, aggregator=aggregator,
         clients_per_round=r.clients_per_round, eval_every=r.eval_every, seed=r.seed,
         engine=r.engine, input_key=r.input_key, eval_data=datasets["eval"],
@@ -273,7 +282,7 @@ def plan_run(request: RunRequest) -> RunPlan:
         initial_params=r.initial_params)
     return RunPlan(r, model, algorithm, train_data, task, aggregator, private, schedule,
                    batch_norm, root, params, model_state, stats, program, choice, backend,
-                   client_states, data_placement, streamer, data, evaluators, run_config,
+                   client_states, data_placement, streamer, data, evaluators, describe,
                    cache_info)
 
 
