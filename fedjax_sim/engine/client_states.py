@@ -12,10 +12,15 @@ cohorts are known in advance: they depend only on the seed and the round) into a
 device table of `rounds_per_call * clients_per_round` rows, with a [C] map from client id
 to row; after the call it writes those rows back. A client sampled twice within one call
 finds its own updated row, so results equal the on-device mode's exactly.
+
+A call costs what its table costs, whatever C is: the row map stays on the device between
+calls and each call writes only its own clients' entries (a call looks up no others), so
+nothing of size C is built, sent or scanned per call.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -56,11 +61,18 @@ def resolve_placement(placement: str, one_client: PyTree, num_clients: int,
     return "device" if limit is None or need <= DEVICE_FRACTION * limit else "host"
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(rows: jax.Array, ids: jax.Array) -> jax.Array:
+    """`rows` with rows[ids[j]] = j (ids past the end are dropped), updated in place."""
+    return rows.at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32), mode="drop")
+
+
 class HostClientStates:
     """Streams the rows of host-kept client states through a device table per call."""
 
     def __init__(self, num_clients: int, table_rows: int):
         self.num_clients, self.table_rows = num_clients, table_rows
+        self._rows = None  # the [C] row map on device, kept from call to call
 
     def template(self, host: PyTree) -> tuple[PyTree, jax.Array]:
         """A device table and row map of the right shapes (for compiling)."""
@@ -72,15 +84,24 @@ class HostClientStates:
         """(device table, [C] row map, ids): the rows of every live client in `cohorts`."""
         ids = np.unique(np.asarray(cohorts)[np.asarray(live)])
         assert len(ids) <= self.table_rows
-        rows = np.zeros(self.num_clients, np.int32)
-        rows[ids] = np.arange(len(ids), dtype=np.int32)
 
         def gather(x):
             out = np.zeros((self.table_rows, *x.shape[1:]), x.dtype)
             out[:len(ids)] = x[ids]
             return jnp.asarray(out)
 
-        return jax.tree_util.tree_map(gather, host), jnp.asarray(rows), ids
+        return jax.tree_util.tree_map(gather, host), self._row_map(ids), ids
+
+    def _row_map(self, ids: np.ndarray) -> jax.Array:
+        """The device row map with `rows[ids[j]] = j`. Entries of clients outside `ids` are
+        stale (rows of an earlier call), which is harmless: a call looks up only its own
+        clients. Writing `table_rows` entries in place costs the same for any C."""
+        if self._rows is None:
+            self._rows = jnp.zeros(self.num_clients, jnp.int32)
+        padded = np.full(self.table_rows, self.num_clients, np.int32)  # out of range: dropped
+        padded[:len(ids)] = ids
+        self._rows = _write_rows(self._rows, jnp.asarray(padded))
+        return self._rows
 
     def stream(self, run, program):
         """Wraps a compiled `run(state, data, model_state, root, start, count, rows)` (from
