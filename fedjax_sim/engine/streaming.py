@@ -11,6 +11,8 @@ A call's data is a `DeviceData` of fixed shape: a features buffer of `capacity` 
 total size of the `window * cohort` largest clients, so any window fits) holding the
 sampled clients' rows packed one after another, the [C] offsets of those clients
 re-pointed into the buffer (other clients' offsets are unused), and the true [C] sizes.
+The [C] offsets stay on the device and each call rewrites only its own clients' entries,
+so a call costs what its clients cost, whatever C is.
 Every client's rows hold the same values at the same positions relative to its offset as
 in the on-device layout, and a batch only ever reads its own client's rows
 (engine.local), so results are identical to the on-device mode for the same seed.
@@ -24,6 +26,7 @@ device is idle, so drawing them never queues behind the running call.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import re
 
 import jax
@@ -79,6 +82,18 @@ def resolve_data_placement(placement: str, nbytes: int, budget: int | None,
     return "host" if budget is not None and nbytes > budget else "device"
 
 
+# The device buffers of packed [C] offsets: calls alternate between two (one is read by the
+# running call while the next call's is written), the third serves packs that are used
+# before the next pack is made (evaluation blocks).
+CALL_SLOTS, DIRECT_SLOT = 2, 2
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_offsets(offsets: jax.Array, ids: jax.Array, starts: jax.Array) -> jax.Array:
+    """`offsets` with offsets[ids] = starts (ids past the end dropped), in place."""
+    return offsets.at[ids].set(starts, mode="drop")
+
+
 class HostData:
     """Streams the rows of a host-kept FederatedData to the device, a window at a time."""
 
@@ -94,6 +109,7 @@ class HostData:
         self._device_sizes = jnp.asarray(self._sizes, jnp.int32)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedjax-prefetch")
         self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self._offsets_on_device: list[jax.Array | None] = [None] * (CALL_SLOTS + 1)
         self.calls = self.prefetched = 0  # how many calls found their data already sent
 
     def capacity_for(self, clients: int) -> int:
@@ -114,10 +130,13 @@ class HostData:
                  for k, v in self.data.features.items()}
         return DeviceData(feats, jnp.zeros(self.num_clients, jnp.int32), self._device_sizes)
 
-    def pack(self, ids: np.ndarray, capacity: int | None = None) -> DeviceData:
+    def pack(self, ids: np.ndarray, capacity: int | None = None,
+             slot: int = DIRECT_SLOT) -> DeviceData:
         """The rows of clients `ids` packed into a buffer of `capacity` rows (default: as
         many as those clients hold), on device; e.g. a call's cohorts, or a block of
-        evaluation clients."""
+        evaluation clients. The offsets are written into device buffer `slot`, which the
+        DeviceData of the previous pack into that slot then no longer holds: by default
+        (DIRECT_SLOT) use each packed DeviceData before packing the next."""
         ids = np.unique(np.asarray(ids, np.int64))
         capacity = self.capacity_for(len(ids)) if capacity is None else capacity
         sizes = self._sizes[ids]
@@ -133,9 +152,22 @@ class HostData:
             buf = np.zeros((capacity, *v.shape[1:]), v.dtype)
             np.take(v, source, axis=0, out=buf[:total])
             feats[k] = jax.device_put(buf)
-        offsets = np.zeros(self.num_clients, np.int32)
-        offsets[ids] = starts
-        return DeviceData(feats, jax.device_put(offsets), self._device_sizes)
+        return DeviceData(feats, self._write_offsets(slot, ids, starts), self._device_sizes)
+
+    def _write_offsets(self, slot: int, ids: np.ndarray, starts: np.ndarray) -> jax.Array:
+        """Device buffer `slot` of [C] offsets with offsets[ids] = starts, rewritten in
+        place; the entries of other clients are left from earlier packs (unused)."""
+        offsets = self._offsets_on_device[slot]
+        if offsets is None:
+            offsets = jnp.zeros(self.num_clients, jnp.int32)
+        width = 1 << max(0, len(ids) - 1).bit_length()  # few shapes: few compilations
+        padded_ids = np.full(width, self.num_clients, np.int32)  # out of range: dropped
+        padded_ids[:len(ids)] = ids
+        padded_starts = np.zeros(width, np.int32)
+        padded_starts[:len(ids)] = starts
+        offsets = _write_offsets(offsets, jnp.asarray(padded_ids), jnp.asarray(padded_starts))
+        self._offsets_on_device[slot] = offsets
+        return offsets
 
     def _window(self, program, root, start: int, rounds: int) -> np.ndarray:
         cohorts, live = jax.device_get(program.cohorts(root, start, rounds))
@@ -149,16 +181,19 @@ class HostData:
         def run_streamed(state, data, model_state, root, start, count):
             del data
             self.calls += 1
+            slot = self.calls % CALL_SLOTS  # the previous call's offsets are in the other
             pending, self._pending = self._pending, None
+            arrays = pending[1].result() if pending is not None else None
             if pending is not None and pending[0] == start:
-                arrays = pending[1].result()
                 self.prefetched += 1
             else:
-                arrays = self.pack(self._window(program, root, start, window), self.capacity)
+                arrays = self.pack(self._window(program, root, start, window), self.capacity,
+                                   slot)
             # Draw the next window's cohorts now, while the device is idle, then pack and
             # send its rows in the background while this call runs.
             nxt = self._window(program, root, start + count, window)
-            self._pending = (start + count, self._pool.submit(self.pack, nxt, self.capacity))
+            self._pending = (start + count, self._pool.submit(
+                self.pack, nxt, self.capacity, (self.calls + 1) % CALL_SLOTS))
             return run(state, arrays, model_state, root, start, count)
 
         return run_streamed
