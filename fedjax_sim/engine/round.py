@@ -121,7 +121,7 @@ def client_randomness(clients_key: jax.Array, client_id: jax.Array, num_bits: in
 
 
 # Up to this many clients a cohort is drawn by `random.choice` (a permutation of all of
-# them); above it by Floyd's algorithm, whose cost depends on the cohort size only.
+# them); above it from draws with replacement, at a cost set by the cohort size only.
 PERMUTATION_MAX_CLIENTS = 4096
 
 
@@ -130,21 +130,52 @@ def sample_cohort(key: jax.Array, num_clients: int, m: int) -> jax.Array:
 
     Small populations use `jax.random.choice(..., replace=False)`, which permutes all N ids
     (O(N log N): 5 ms a round for N = 10,000 on a 2-core CPU, more than a small model's
-    whole round). Above PERMUTATION_MAX_CLIENTS it is Floyd's algorithm (Bentley & Floyd
-    1987): for j = N-m .. N-1 draw t uniform in [0, j]; keep t unless already chosen, in
-    which case keep j. That is O(m^2) comparisons, whatever N is.
+    whole round); so do cohorts of more than half the population, where N log N is
+    O(m log m). Otherwise the cohort is the first m distinct ids of a sequence of uniform
+    draws with replacement (sequential sampling that skips repeats, which draws every
+    m-subset with equal probability, in random order): `_draws_for_distinct` draws, enough
+    to hold m distinct ids except with negligible probability (a fresh sequence is drawn
+    then), found with one sort. O(m log m) whatever N is: 3 ms for m = 10,000 of a
+    million on a 2-core CPU, where Floyd's algorithm (m sequential steps of m
+    comparisons) took 60 ms.
     """
-    if num_clients <= PERMUTATION_MAX_CLIENTS:
+    if num_clients <= PERMUTATION_MAX_CLIENTS or 2 * m > num_clients:
         return jax.random.choice(key, num_clients, (m,), replace=False).astype(jnp.int32)
-    highs = jnp.arange(num_clients - m, num_clients, dtype=jnp.int32)
-    draws = jax.random.randint(key, (m,), 0, highs + 1, dtype=jnp.int32)
+    draws = _draws_for_distinct(num_clients, m)
 
-    def pick(i, chosen):
-        t = draws[i]
-        taken = jnp.any((chosen == t) & (jnp.arange(m) < i))
-        return chosen.at[i].set(jnp.where(taken, highs[i], t))
+    def attempt(k):
+        ids = jax.random.randint(k, (draws,), 0, num_clients, dtype=jnp.int32)
+        order = jnp.argsort(ids, stable=True)  # equal ids stay in draw order
+        ranked = ids[order]
+        new = jnp.zeros(draws, bool).at[order].set(
+            jnp.concatenate([jnp.ones(1, bool), ranked[1:] != ranked[:-1]]))
+        slot = jnp.cumsum(new.astype(jnp.int32)) - 1  # rank among first occurrences
+        slot = jnp.where(new & (slot < m), slot, m)
+        return jnp.zeros(m, jnp.int32).at[slot].set(ids, mode="drop"), jnp.sum(new)
 
-    return jax.lax.fori_loop(0, m, pick, jnp.zeros(m, jnp.int32))
+    def retry(carry):
+        i, _, _ = carry
+        return (i + 1, *attempt(jax.random.fold_in(key, i)))
+
+    # Whether a sequence holds m distinct ids does not depend on which ids they are, so
+    # drawing a fresh one until it does keeps every subset equally likely.
+    return jax.lax.while_loop(lambda c: c[2] < m, retry, (jnp.int32(1), *attempt(key)))[1]
+
+
+def _draws_for_distinct(num_clients: int, m: int) -> int:
+    """How many uniform draws from N ids hold m distinct ones except with probability
+    ~1e-15: m plus the expected number of repeats r = D - N(1 - exp(-D/N)) among D draws,
+    plus 8 standard deviations (the distinct count's variance is at most min(r, D - r))
+    and 8; at most 2m + 64 (m <= N/2 needs ~1.4 m on average)."""
+    draws = m
+    for _ in range(100):
+        repeats = draws + num_clients * math.expm1(-draws / num_clients)
+        spread = math.sqrt(max(0.0, min(repeats, draws - repeats)))
+        more = min(m + math.ceil(repeats + 8 * spread + 8), 2 * m + 64)
+        if more <= draws:
+            break
+        draws = more
+    return draws
 
 
 # Above this many bytes, fused rounds draw their randomness round by round (see
