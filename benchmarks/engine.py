@@ -2,13 +2,20 @@
 
     python benchmarks/engine.py            # all cases (~10 min on a 2-core CPU)
     python benchmarks/engine.py --quick    # fewer repetitions, skips the 100-client CNN
-    python benchmarks/engine.py --cases a  # only case (a); cases: a, b10, b100
+    python benchmarks/engine.py --cases a  # only case (a); cases: a, b10, b100, user, user_a
 
 Cases (FedAvg, client SGD, 1 local epoch = 5 steps per client):
   (a) logistic regression, 64 features, 10 classes; 100 clients x 50 examples; 50 clients
       per round, batch 10;
   (b) the EMNIST CNN (1.2 M params) on 28x28x1 inputs; clients of 100 examples; 10 and 100
-      clients per round, batch 20.
+      clients per round, batch 20;
+  (user) the same CNN and work as (b) with 10 clients per round, written as a plain Linen
+      module (`nn.Conv`, `nn.Dense`) and adapted with `from_linen`, against the zoo's CNN:
+      the engine as simulate() runs each. `--as-written` adds the Linen module with
+      `kernels='as_written'` (its XLA convolutions kept; several times slower, fewer
+      repetitions), with the engine's choice for it and with its clients forced one by one.
+  (user_a) the same for the logistic regression of (a): the zoo's, a Linen `nn.Dense` through
+      `from_linen`, and that with `kernels='as_written'` (XLA's dense-layer gradient).
 Compared side by side in this one process:
   engine            fedjax_sim's RoundProgram with the automatic strategy choices
   loop/step         a Python loop over clients, one jitted call per local step (FedJAX style)
@@ -32,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import Problem, fedavg
 from fedjax_sim.data import FederatedData
 from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
-from fedjax_sim.models import classification, get_model
+from fedjax_sim.models import classification, from_linen, get_model
 from fedjax_sim.simulation import EngineOptions, resolve_engine
 from fedjax_sim.engine.options import client_step_flops, has_convolution
 
@@ -235,10 +243,83 @@ def case(name, model_fn, data, m, batch, reps, rows, per_client_loop=True):
     rows.append((name, m, eng, t_step, t_client, t_central, comp))
 
 
+class LinenCNN(nn.Module):
+    """The zoo's EMNIST CNN (models/zoo.py) as a researcher would write it in Linen."""
+
+    num_outputs: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
+        x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.Dropout(0.25, deterministic=not train)(x).reshape(x.shape[0], -1)
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(128)(x)))
+        return nn.Dense(self.num_outputs)(x)
+
+
+class LinenLogisticRegression(nn.Module):
+    """The zoo's logistic regression as a researcher would write it in Linen."""
+
+    num_outputs: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_outputs)(x.reshape(x.shape[0], -1))
+
+
+def user_model_case(title, contenders: dict, data, m, batch, reps, rows):
+    """The engine on each of `contenders` (name -> (model, EngineOptions)), the zoo's model
+    first, timed round-robin; appends rows (case, model, m, s/round, ratio to the zoo's
+    model, compile s, engine choice)."""
+    print(f"\n== {title}: {m} clients/round, batch {batch}, 5 local steps", flush=True)
+    engines = {}
+    for name, (model, options) in contenders.items():
+        call, k, comp, choice = make_engine(model, data, m, batch, options)
+        print(f"{name}: compiled in {comp:.1f} s; {choice}; {k} rounds per call", flush=True)
+        engines[name] = (call, k, comp, choice)
+    t = interleaved({name: e[0] for name, e in engines.items()}, reps)
+    zoo_name = next(iter(engines))
+    zoo = t[zoo_name] / engines[zoo_name][1]
+    for name, (call, k, comp, choice) in engines.items():
+        per_round = t[name] / k
+        rows.append((title, name, m, per_round, per_round / zoo, comp, choice))
+        print(f"{name:40s} {per_round * 1e3:10.2f} ms/round   x{per_round / zoo:.2f} the zoo's",
+              flush=True)
+
+
+def user_cases(cases, cnn_data, quick: bool, as_written: bool) -> list:
+    """Case (user): models written in plain Linen against the zoo's of the same architecture."""
+    rows = []
+    auto = EngineOptions()
+    if "user" in cases:
+        shape = cnn_data.features["x"].shape[1:]
+        contenders = {"zoo cnn": (get_model("cnn", shape, 10), auto),
+                      "Linen CNN (from_linen)": (from_linen(LinenCNN(), shape, train_kwarg="train"), auto)}
+        if as_written:
+            written = from_linen(LinenCNN(), shape, train_kwarg="train", kernels="as_written")
+            contenders["Linen CNN, kernels='as_written'"] = (written, auto)
+            contenders["the same, clients one by one"] = (written, EngineOptions(clients_per_chunk=1))
+        user_model_case("(user) EMNIST CNN", contenders, cnn_data, 10, 20,
+                        3 if quick else (5 if as_written else 7), rows)
+    if "user_a" in cases:
+        module = LinenLogisticRegression()
+        written = from_linen(module, (64,), kernels="as_written")
+        contenders = {"zoo logistic_regression": (get_model("logistic_regression", (64,), 10), auto),
+                      "Linen logistic regression (from_linen)": (from_linen(module, (64,)), auto),
+                      "the same, kernels='as_written'": (written, auto)}
+        user_model_case("(user) logistic regression", contenders, make_data(100, 50, (64,)), 50, 10,
+                        25 if quick else 100, rows)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cases", default="a,b10,b100", help="comma-separated: a, b10, b100")
+    parser.add_argument("--cases", default="a,b10,b100,user,user_a",
+                        help="comma-separated: a, b10, b100, user, user_a")
+    parser.add_argument("--as-written", action="store_true",
+                        help="case user: also the Linen CNN with its XLA convolutions kept")
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     reps = 5 if args.quick else 20
@@ -253,11 +334,19 @@ def main():
         case("(b) EMNIST CNN", cnn, cnn_data, 10, 20, 3, rows)
     if "b100" in cases and not args.quick:
         case("(b) EMNIST CNN", cnn, cnn_data, 100, 20, 2, rows, per_client_loop=False)
-    print("\n| case | clients/round | engine s/round | loop/step s/round | loop/client s/round | central s/round | engine speed-up vs loop/step | vs loop/client | engine / central | engine compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    user_rows = user_cases(cases, cnn_data, args.quick, args.as_written)
+    if rows:
+        print("\n| case | clients/round | engine s/round | loop/step s/round | loop/client s/round | central s/round | engine speed-up vs loop/step | vs loop/client | engine / central | engine compile s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for name, m, eng, ts, tc, tcen, comp in rows:
         print(f"| {name} | {m} | {eng:.4f} | {ts:.4f} | {tc:.4f} | {tcen:.4f} | {ts / eng:.1f}x | {tc / eng:.1f}x | {eng / tcen:.2f} | {comp:.1f} |")
-
+    if user_rows:
+        print("\n| case | model | clients/round | engine s/round | vs the zoo's | engine compile s | engine choice |")
+        print("|---|---|---|---|---|---|---|")
+        for title, name, m, per_round, ratio, comp, choice in user_rows:
+            picked = (f"clients_per_chunk={choice['clients_per_chunk']}, unroll={choice['unroll']}, "
+                      f"rounds_per_call={choice['rounds_per_call']}")
+            print(f"| {title} | {name} | {m} | {per_round:.4f} | {ratio:.2f}x | {comp:.1f} | {picked} |")
 
 if __name__ == "__main__":
     main()
