@@ -27,6 +27,31 @@ SCRIPT = textwrap.dedent("""
     import fedjax_sim as fs
     from fedjax_sim.privacy import ClientLevelDP
 
+    def streamed_layout(clients):
+        # Host-streamed data on a mesh of 8: which rows each device receives.
+        import jax, numpy as np
+        from fedjax_sim.engine.mesh import resolve_mesh
+        from fedjax_sim.engine.streaming import MeshHostData
+
+        class Cohorts:  # two rounds of 11 slots, the second with 3 padding slots
+            def cohorts(self, root, start, rounds):
+                ids = np.arange(22).reshape(2, 11) + 5
+                return ids, np.arange(22).reshape(2, 11) < 19
+
+        stream = MeshHostData(clients, resolve_mesh(8), 11)
+        stream.set_window(22)
+        layout = stream.layout(Cohorts(), None, 0, 2)
+        packed = stream.pack_devices(layout)
+        blocks = np.asarray(packed.features["y"]).reshape(8, stream.capacity)
+        offsets, sizes = np.asarray(packed.offsets), np.asarray(packed.sizes)
+        rows = []
+        for j, ids in enumerate(layout):
+            rows.append({"ids": ids.tolist(), "rows_match": all(
+                np.array_equal(blocks[j, offsets[j, c]:offsets[j, c] + sizes[c]],
+                               clients.client(c)["y"]) for c in ids),
+                "used": int(sizes[ids].sum())})
+        return {"devices": rows, "capacity": stream.capacity}
+
     train, test = fs.data.load_digits()
     clients = fs.data.partition(train, train["y"], "dirichlet", 40, seed=0, alpha=0.5)
     model = fs.models.get_model("logistic_regression", (8, 8, 1), 10)
@@ -46,11 +71,15 @@ SCRIPT = textwrap.dedent("""
             elif name == "chunked":
                 algorithm = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10)
                 engine["clients_per_chunk"] = 2
+            elif name == "streamed":
+                algorithm = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10)
+                engine["data_placement"] = "host"
             result = fs.simulate(model, algorithm, clients, rounds=4, clients_per_round=11,
                                  eval_data=test, eval_every=2, engine=fs.EngineOptions(**engine),
                                  progress=False, **kw)
             out[f"{name}/{devices}"] = {"history": result.history,
                                         "mesh": result.summary["engine"]["mesh"]}
+    out["layout"] = streamed_layout(clients)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -94,9 +123,19 @@ def check_meshes(out: dict, names: tuple[str, ...], meshes: tuple[int, ...]):
 
 
 def test_mesh_of_8_devices_matches_one_device():
-    """FedAvg (11 clients on 8 devices: padding slots) and DP-FedAvg with Poisson sampling."""
-    out = run_on_devices("fedavg,dp_poisson", "1,8")
-    check_meshes(out, ("fedavg", "dp_poisson"), (8,))
+    """DP-FedAvg with Poisson sampling (cohorts of varying size, dealt out among 8
+    devices with padding slots); and host-streamed data reaches each device as its own
+    clients' rows only. Every workload on 2 and 8 devices: the slow tier."""
+    out = run_on_devices("dp_poisson", "1,8")
+    check_meshes(out, ("dp_poisson",), (8,))
+    # slots 0..10 of a round (clients 5..15, then 16..26 with 24..26 padding) dealt to 8
+    # devices: device j trains slots j and j+8 of each round
+    devices = out["layout"]["devices"]
+    for j, device in enumerate(devices):
+        slots = [s for s in (j, j + 8) if s < 11]
+        expected = sorted({5 + s for s in slots} | {16 + s for s in slots if 11 + s < 19})
+        assert device["ids"] == expected
+        assert device["rows_match"] and device["used"] <= out["layout"]["capacity"]
     # the DP run's Poisson cohorts vary in size, and are the same on every mesh
     sizes = [r["cohort_size"] for r in out["dp_poisson/8"]["history"]]
     assert sizes == [r["cohort_size"] for r in out["dp_poisson/1"]["history"]]
@@ -105,5 +144,5 @@ def test_mesh_of_8_devices_matches_one_device():
 
 @pytest.mark.slow
 def test_mesh_of_2_and_8_devices_matches_one_device_for_every_workload():
-    names = ("fedavg", "scaffold", "dp_poisson", "chunked")
+    names = ("fedavg", "scaffold", "dp_poisson", "chunked", "streamed")
     check_meshes(run_on_devices(",".join(names), "1,2,8"), names, (2, 8))

@@ -95,7 +95,8 @@ def deal(m: int, d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def map_clients_on_mesh(mesh: Mesh, fn: Callable, per_client: PyTree, live: jax.Array,
-                        clients_per_chunk: int | None, leading_live: bool = False):
+                        clients_per_chunk: int | None, leading_live: bool = False,
+                        split: PyTree = None):
     """`cohort.map_clients` with the cohort spread over `mesh`; same returns.
 
     `per_client` holds the cohort's per-client inputs (leading axis m) and `live` ([m]
@@ -103,7 +104,9 @@ def map_clients_on_mesh(mesh: Mesh, fn: Callable, per_client: PyTree, live: jax.
     m real slots and for the padding slots (as a copy of slot 0 with live False, whose
     weight fn must make 0). `leading_live`: within each device's share the live slots
     come first (a compact Poisson cohort), so each device skips the chunks past its last
-    live client.
+    live client. `split`: arrays whose leading axis is split across the devices (e.g. the
+    training rows streamed to each device for its own clients); fn then takes a third
+    argument, this device's part of them.
     """
     m = live.shape[0]
     d = mesh.size
@@ -121,15 +124,16 @@ def map_clients_on_mesh(mesh: Mesh, fn: Callable, per_client: PyTree, live: jax.
     share = len(order) // d
     chunk = None if clients_per_chunk is None or clients_per_chunk >= share else clients_per_chunk
 
-    def on_device(args):
+    def on_device(args, own):
         pc, alive = args
         count = jnp.sum(alive.astype(jnp.int32)) if (leading_live and chunk is not None) else None
-        total, weight, stacked = map_clients(lambda a: fn(*a), (pc, alive), chunk, count=count)
+        call = (lambda a: fn(*a)) if split is None else (lambda a: fn(*a, own))
+        total, weight, stacked = map_clients(call, (pc, alive), chunk, count=count)
         return jax.lax.psum((total, weight), CLIENTS), stacked
 
     (total, weight), stacked = jax.shard_map(
-        on_device, mesh=mesh, in_specs=(P(CLIENTS),), out_specs=(P(), P(CLIENTS)),
-        check_vma=False)(arranged)
+        on_device, mesh=mesh, in_specs=(P(CLIENTS), P(CLIENTS)), out_specs=(P(), P(CLIENTS)),
+        check_vma=False)(arranged, split)
     stacked = jax.tree_util.tree_map(lambda x: x[inverse][:m], stacked)
     return total, weight, stacked
 

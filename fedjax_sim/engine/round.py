@@ -396,7 +396,7 @@ class RoundProgram:
         table = state.clients
         row_of = (lambda cid: cid) if rows is None else (lambda cid: rows[cid])
 
-        def client(per_client):
+        def client(per_client, data=data):
             cid, live, drawn_for_client, own = per_client
             k_train, k_agg_client, bits = (drawn_for_client if drawn_for_client is not None
                                            else self._client_draws(drawn.k_clients, cid))
@@ -432,11 +432,16 @@ class RoundProgram:
             # rows are gathered here and each device receives its clients' rows.
             own = (None if table is None else
                    jax.tree_util.tree_map(lambda t: t[row_of(cohort)], table))
+            # Rows streamed to each device for its own clients (offsets [devices, C]) are
+            # split across the devices; data placed whole is replicated.
+            split = (data.features, data.offsets) if data.offsets.ndim == 2 else None
             total, denominator, outs = mesh_lib.map_clients_on_mesh(
-                self.mesh, lambda pc, alive: client((pc[0], alive, pc[1], pc[2])),
+                self.mesh, lambda pc, alive, *own_rows: client(
+                    (pc[0], alive, pc[1], pc[2]),
+                    data if not own_rows else DeviceData(own_rows[0][0], own_rows[0][1][0], data.sizes)),
                 (cohort, drawn.clients, own), drawn.live,
                 self._poisson_chunk(self.mesh.size) if poisson else self.clients_per_chunk,
-                leading_live=poisson)
+                leading_live=poisson, split=split)
         elif poisson:
             # The real clients fill the first slots: run only the chunks that hold them.
             total, denominator, outs = map_clients(

@@ -139,6 +139,14 @@ class HostData:
         (DIRECT_SLOT) use each packed DeviceData before packing the next."""
         ids = np.unique(np.asarray(ids, np.int64))
         capacity = self.capacity_for(len(ids)) if capacity is None else capacity
+        feats, starts = self.gather_rows(ids, capacity)
+        feats = {k: jax.device_put(v) for k, v in feats.items()}
+        return DeviceData(feats, self._write_offsets(slot, ids, starts), self._device_sizes)
+
+    def gather_rows(self, ids: np.ndarray, capacity: int) -> tuple[dict, np.ndarray]:
+        """(features, starts): the rows of clients `ids` (sorted, distinct) packed one after
+        another into host buffers of `capacity` rows, client ids[j]'s from starts[j]. Only
+        those rows of the stored arrays are read (memory-mapped arrays load only them)."""
         sizes = self._sizes[ids]
         starts = np.zeros(len(ids), np.int64)
         np.cumsum(sizes[:-1], out=starts[1:])
@@ -151,8 +159,8 @@ class HostData:
         for k, v in self.data.features.items():
             buf = np.zeros((capacity, *v.shape[1:]), v.dtype)
             np.take(v, source, axis=0, out=buf[:total])
-            feats[k] = jax.device_put(buf)
-        return DeviceData(feats, self._write_offsets(slot, ids, starts), self._device_sizes)
+            feats[k] = buf
+        return feats, starts
 
     def _write_offsets(self, slot: int, ids: np.ndarray, starts: np.ndarray) -> jax.Array:
         """Device buffer `slot` of [C] offsets with offsets[ids] = starts, rewritten in
@@ -201,3 +209,88 @@ class HostData:
     def close(self) -> None:
         self._pending = None
         self._pool.shutdown(wait=True)
+
+
+class MeshHostData(HostData):
+    """HostData for a cohort spread over a mesh (engine.mesh): each device receives the
+    rows of the clients it trains in the call, and nothing else.
+
+    A call's data is split across the devices: features [devices * capacity, ...] (device
+    j's block holds its clients' rows) and offsets [devices, C] (row j: where device j's
+    clients start in its block), with the [C] sizes replicated. `capacity` fits the
+    largest clients a device can be dealt in a window (its share of the slots, every
+    round). In a multi-process run each process gathers and sends only the rows of its
+    own devices' clients, so a process reads no other clients' examples (with memory-mapped
+    features: loads no others from disk).
+    """
+
+    def __init__(self, data, mesh, slots: int):
+        super().__init__(data)
+        from fedjax_sim.engine.mesh import CLIENTS, deal, put, replicated
+
+        self.mesh, self.slots = mesh, slots
+        self._order = deal(slots, mesh.size)[0]
+        self.share = len(self._order) // mesh.size
+        self._split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(CLIENTS))
+        me = jax.process_index()
+        self._mine = [(j, device) for j, device in enumerate(mesh.devices.flat)
+                      if device.process_index == me]
+        self._sizes_on_mesh = put(jnp.asarray(self._sizes, jnp.int32), replicated(mesh))
+
+    def set_window(self, clients: int) -> None:
+        """Fixes each device's buffer: any share of `clients` cohort slots fits."""
+        self.capacity = self.capacity_for(-(-clients // self.slots) * self.share)
+
+    def template(self) -> DeviceData:
+        empty = np.zeros(0, np.int64)
+        return self._assemble([self.gather_rows(empty, self.capacity) + (empty,)
+                               for _ in self._mine])
+
+    def layout(self, program, root, start: int, rounds: int) -> list[np.ndarray]:
+        """The ids of the clients each of this process's devices trains in rounds
+        start .. start+rounds-1 (the cohorts dealt out as the round program deals them)."""
+        cohorts, live = (np.asarray(x) for x in jax.device_get(program.cohorts(root, start, rounds)))
+        pad = len(self._order) - cohorts.shape[1]
+        cohorts = np.pad(cohorts, ((0, 0), (0, pad)))[:, self._order]
+        live = np.pad(live, ((0, 0), (0, pad)))[:, self._order]
+        shape = (rounds, self.mesh.size, self.share)
+        cohorts, live = cohorts.reshape(shape), live.reshape(shape)
+        return [np.unique(cohorts[:, j][live[:, j]]) for j, _ in self._mine]
+
+    def pack_devices(self, layout: list[np.ndarray]) -> DeviceData:
+        return self._assemble([self.gather_rows(ids, self.capacity) + (ids,) for ids in layout])
+
+    def _assemble(self, parts) -> DeviceData:
+        """One DeviceData split across the mesh from this process's devices' parts
+        ((features, starts, ids) each)."""
+        d, local = self.mesh.size, [device for _, device in self._mine]
+        feats = {}
+        for k, v in self.data.features.items():
+            feats[k] = jax.make_array_from_single_device_arrays(
+                (d * self.capacity, *v.shape[1:]), self._split,
+                [jax.device_put(p[0][k], device) for p, device in zip(parts, local)])
+        rows = []
+        for (_, starts, ids), device in zip(parts, local):
+            offsets = np.zeros((1, self.num_clients), np.int32)
+            offsets[0, ids] = starts
+            rows.append(jax.device_put(offsets, device))
+        offsets = jax.make_array_from_single_device_arrays((d, self.num_clients), self._split, rows)
+        return DeviceData(feats, offsets, self._sizes_on_mesh)
+
+    def stream(self, run, program, window: int):
+        """As HostData.stream, each device receiving its own clients' rows."""
+
+        def run_streamed(state, data, model_state, root, start, count):
+            del data
+            self.calls += 1
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] == start:
+                arrays = pending[1].result()
+                self.prefetched += 1
+            else:
+                arrays = self.pack_devices(self.layout(program, root, start, window))
+            nxt = self.layout(program, root, start + count, window)
+            self._pending = (start + count, self._pool.submit(self.pack_devices, nxt))
+            return run(state, arrays, model_state, root, start, count)
+
+        return run_streamed

@@ -26,7 +26,8 @@ from fedjax_sim.engine.options import (EngineOptions, client_step_flops, has_con
                                        resolve_engine)
 from fedjax_sim.engine.mesh import describe as describe_mesh, put as put_on_mesh, replicated, resolve_mesh
 from fedjax_sim.engine.round import DeviceData, RoundProgram
-from fedjax_sim.engine.streaming import HostData, data_bytes, parse_bytes, resolve_data_placement
+from fedjax_sim.engine.streaming import (HostData, MeshHostData, data_bytes, parse_bytes,
+                                         resolve_data_placement)
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task, classification
@@ -266,7 +267,10 @@ def plan_run(request: RunRequest) -> RunPlan:
     data_placement = resolve_data_placement(
         r.engine.data_placement, data_bytes(train_data), parse_bytes(r.engine.device_data_budget),
         None if backend == "cpu" else device_memory_bytes())
-    streamer = HostData(train_data) if data_placement == "host" else None
+    streamer = None
+    if data_placement == "host":  # on a mesh, each device receives its own clients' rows
+        streamer = (HostData(train_data) if mesh is None
+                    else MeshHostData(train_data, mesh, program.clients_per_round))
     data = DeviceData.from_federated(train_data) if streamer is None else None
     if data is not None and mesh is not None:
         data = put_on_mesh(data, jax.tree_util.tree_map(lambda _: replicated(mesh), data))
