@@ -473,3 +473,31 @@ def test_synthetic_deterministic_per_seed():
         a.features["x"], c.features["x"])
     _, empty_test, _ = synthetic(0.5, 0.5, seed=3, test_fraction=0.0)
     assert empty_test.num_examples == 0
+
+
+def test_save_and_memory_mapped_load_round_trip(tmp_path):
+    from fedjax_sim.data import FederatedData
+    from fedjax_sim.engine.streaming import HostData
+
+    rng = np.random.default_rng(0)
+    sizes = [3, 0, 5, 2]
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    y = np.arange(10, dtype=np.int32)
+    data = FederatedData({"x": x, "y": y}, np.concatenate([[0], np.cumsum(sizes)]),
+                         ("a", "b", "c", "d"))
+    data.save(str(tmp_path / "d"))
+    loaded = FederatedData.load(str(tmp_path / "d"))
+    assert isinstance(loaded.features["x"], np.memmap)  # nothing read until used
+    assert loaded.client_ids == data.client_ids
+    np.testing.assert_array_equal(loaded.offsets, data.offsets)
+    for i in range(4):
+        for k in ("x", "y"):
+            np.testing.assert_array_equal(loaded.client(i)[k], data.client(i)[k])
+    # streaming reads exactly the requested clients' rows from the mapped arrays
+    feats, starts = HostData(loaded).gather_rows(np.array([2, 3]), 8)
+    np.testing.assert_array_equal(feats["y"][:7], np.concatenate([y[3:8], y[8:10]]))
+    assert starts.tolist() == [0, 5]
+    in_memory = FederatedData.load(str(tmp_path / "d"), mmap=False)
+    assert not isinstance(in_memory.features["x"], np.memmap)
+    with pytest.raises(UserError, match="no saved FederatedData"):
+        FederatedData.load(str(tmp_path / "missing"))

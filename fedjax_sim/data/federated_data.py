@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -261,6 +263,36 @@ class FederatedData:
         train = FederatedData.from_partition(self.features, train_lists, self.client_ids)
         test = FederatedData.from_partition(self.features, test_lists, self.client_ids)
         return train, test
+
+    def save(self, directory: str) -> None:
+        """Writes the data to `directory` as plain .npy files (one per feature, plus the
+        offsets) and the client ids as JSON, for `FederatedData.load`."""
+        os.makedirs(directory, exist_ok=True)
+        for name, array in self.features.items():
+            if not name.isidentifier():
+                raise UserError(f"feature name {name!r} cannot name a file; rename it")
+            np.save(os.path.join(directory, f"feature_{name}.npy"), np.asarray(array))
+        np.save(os.path.join(directory, "offsets.npy"), self.offsets)
+        with open(os.path.join(directory, "client_ids.json"), "w") as f:
+            json.dump(list(self.client_ids), f)
+
+    @classmethod
+    def load(cls, directory: str, mmap: bool = True) -> FederatedData:
+        """The data `save` wrote to `directory`. With `mmap` the features are memory-mapped:
+        only the examples a run reads are loaded from disk (a multi-process run streaming
+        its data from the host reads, in each process, the clients that process trains)."""
+        names = sorted(f[len("feature_"):-len(".npy")] for f in os.listdir(directory)
+                       if f.startswith("feature_") and f.endswith(".npy")) \
+            if os.path.isdir(directory) else []
+        if not names or not os.path.isfile(os.path.join(directory, "offsets.npy")):
+            raise UserError(f"{directory} holds no saved FederatedData (feature_*.npy, offsets.npy, "
+                            f"client_ids.json); write one with FederatedData.save")
+        mode = "r" if mmap else None
+        features = {n: np.load(os.path.join(directory, f"feature_{n}.npy"), mmap_mode=mode)
+                    for n in names}
+        with open(os.path.join(directory, "client_ids.json")) as f:
+            ids = json.load(f)
+        return cls(features, np.load(os.path.join(directory, "offsets.npy")), tuple(ids))
 
     def subset(self, client_indices: Sequence[int] | np.ndarray) -> FederatedData:
         """The clients at `client_indices`, in that order (each at most once)."""
