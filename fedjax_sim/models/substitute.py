@@ -101,6 +101,10 @@ def _bind(eqn, invals):
     return out if eqn.primitive.multiple_results else [out]
 
 
+class _CannotRewrite(Exception):
+    """A rewritten sub-program needs constants where its primitive takes none."""
+
+
 def _rewritten(program, rules: dict):
     """`program` (a ClosedJaxpr or an open Jaxpr without constants) with `rules` applied."""
     jaxpr = _open(program)
@@ -114,10 +118,6 @@ def _rewritten(program, rules: dict):
     if closed.consts:
         raise _CannotRewrite
     return closed.jaxpr
-
-
-class _CannotRewrite(Exception):
-    pass
 
 
 def _equation(eqn, invals, rules: dict) -> list:
