@@ -154,6 +154,7 @@ class PrivatePlan:
         with _quiet_accounting():
             self.accountant = Accountant(mechanism, delta=privacy.delta, accountant=privacy.accountant)
         self.participation = np.zeros(num_clients, np.int64)
+        self._peak = 0  # participation.max(), kept up to date (counts only grow)
         self._warned_unbounded = False
 
     def example_gradient(self, backend: str):
@@ -211,21 +212,26 @@ class PrivatePlan:
     def recount(self, program, root, done: int) -> None:
         """Participation counts of rounds [0, done) (example level), e.g. on resume."""
         self.participation[:] = 0
+        self._peak = 0
         step = 4096
         for start in range(0, done, step):
             self.record(program, root, start, min(step, done - start))
 
     def record(self, program, root, start: int, count: int) -> list[int]:
         """Counts the participations of rounds start .. start+count-1; returns the largest
-        participation count after each of those rounds."""
+        participation count after each of those rounds. A round costs what its cohort
+        costs: counts only grow, so the largest is the old one or one of the cohort's."""
         if self.level == "client":
             return []
         import jax
         ids, live = jax.device_get(program.cohorts(root, start, count))
         peaks = []
         for r in range(count):
-            np.add.at(self.participation, ids[r][live[r]], 1)
-            peaks.append(int(self.participation.max()))
+            taken = ids[r][live[r]]
+            np.add.at(self.participation, taken, 1)
+            if taken.size:
+                self._peak = max(self._peak, int(self.participation[taken].max()))
+            peaks.append(self._peak)
         return peaks
 
     def epsilon_rows(self, first_round: int, count: int, peaks: list[int]) -> list[float]:
@@ -237,7 +243,7 @@ class PrivatePlan:
 
     def epsilon_after(self, rounds_done: int) -> float:
         """ε after `rounds_done` rounds (client level) or at the current participation counts."""
-        return self._epsilon(self._applications(rounds_done, int(self.participation.max())))
+        return self._epsilon(self._applications(rounds_done, self._peak))
 
     def affordable(self, done: int, count: int) -> int:
         """How many of the next `count` rounds fit in target_epsilon (all when none is set).
@@ -251,7 +257,7 @@ class PrivatePlan:
         if self.level == "client":
             return max(0, min(count, self.accountant.max_count(target, done + count) - done))
         steps = self.steps_per_round
-        peak = int(self.participation.max())
+        peak = self._peak
         allowed = self.accountant.max_count(target, (peak + count) * steps) // steps - peak
         return max(0, min(count, allowed))
 
@@ -275,7 +281,7 @@ class PrivatePlan:
         else:
             out.update(max_batch_size=self.schedule_args["batch_size"],
                        local_steps=self.steps_per_round,
-                       max_participation=int(self.participation.max()))
+                       max_participation=self._peak)
         return out
 
 
