@@ -9,6 +9,7 @@ clients C, and the same results as before.
   client scan are vectorised; a run without a workdir does not hash its data.
 """
 
+import functools
 import hashlib
 import tracemalloc
 from collections import Counter
@@ -17,6 +18,7 @@ from math import comb
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fedjax_sim as fs
@@ -204,3 +206,91 @@ def test_finite_check_and_empty_clients_are_vectorised():
     assert data.empty_clients() == loop == ["b", "e"]
     x[1_100_003, 2] = 0.0
     inputs._check_finite(data.features, "training data", classification(), "x", data)
+
+
+# ------------------------------------------------------------------ participation counts
+
+def test_example_level_participation_peaks_follow_the_cohorts():
+    """DP-SGD's ledger keeps the busiest client's count per round without scanning all C
+    counts: its peaks equal the maximum of counts recomputed from the cohorts (padding
+    slots not counted), also after a recount from round 0 (resume)."""
+    from fedjax_sim.privacy import ExampleLevelDP
+    from fedjax_sim.simulation.private import PrivatePlan
+
+    c, m, rounds = 50, 8, 40
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(c)[:m] for _ in range(rounds)])
+    live = rng.random((rounds, m)) < 0.8
+
+    class Program:  # the cohorts of rounds start .. start+count-1, as RoundProgram.cohorts
+        def cohorts(self, root, start, count):
+            return ids[start:start + count], live[start:start + count]
+
+    plan = PrivatePlan(ExampleLevelDP(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5,
+                                      delta=1e-5), algorithm=fs.algorithms.fedavg(
+                           optax.sgd(0.1), local_steps=2),
+                       aggregator=None, num_clients=c, clients_per_round=m, max_client_size=4,
+                       rounds=rounds)
+    counts, expected = np.zeros(c, int), []
+    for r in range(rounds):
+        for cid in ids[r][live[r]]:
+            counts[cid] += 1
+        expected.append(int(counts.max()))
+    peaks = plan.record(Program(), None, 0, 25) + plan.record(Program(), None, 25, 15)
+    assert peaks == expected
+    plan.recount(Program(), None, rounds)
+    assert plan._peak == expected[-1]
+    np.testing.assert_array_equal(plan.participation, counts)
+
+
+# ------------------------------------------------------------------ contiguous client rows
+
+@pytest.mark.parametrize("schedule_args", [dict(batch_size=2, local_epochs=1, local_steps=None),
+                                           dict(batch_size=4, local_epochs=None, local_steps=1)])
+def test_client_rows_fetched_as_a_block_feed_the_same_batches(schedule_args):
+    """A client fetching its rows as one block first (epoch schedules: the loop reads at
+    least as many rows as the largest client holds) sees exactly the batches it gathers
+    row by row, for every client, the last one (its block moved back from the data's end)
+    and an empty one included; checked against batches gathered with numpy. A schedule
+    that reads fewer rows (one step of 4 < 5) is left as it was."""
+    from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
+    from fedjax_sim.engine.local import LocalData, _fetch_block
+
+    sizes = [3, 0, 5, 2, 4]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    x = np.arange(offsets[-1] * 2, dtype=np.float32).reshape(-1, 2) ** 1.5
+    data = {"x": jnp.asarray(x), "y": jnp.arange(offsets[-1], dtype=jnp.int32)}
+    schedule = make_schedule(max(sizes), **schedule_args)
+    fetches = schedule.num_steps * schedule.batch_size >= max(sizes)
+    assert _fetch_block(data, schedule.num_steps * schedule.batch_size, max(sizes)) == fetches
+
+    s_, b_ = schedule.num_steps, schedule.batch_size
+    bits = jax.random.bits(jax.random.key(4), (len(sizes), bits_needed(schedule, max(sizes))),
+                           jnp.uint32)
+
+    def step(carry, batch, mask, key):  # writes each step's masked batch into the carry
+        i, xs, ys = carry
+        return (i + 1, xs.at[i].set(batch["x"] * mask[:, None]),
+                ys.at[i].set(batch["y"] * mask)), {}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def batches(max_rows):
+        def one(offset, n, words):
+            idx, mask = client_batches(schedule, words, n, max(sizes))
+            local = LocalData(data, offset, idx, mask, n, 0, unroll=True,
+                              live=jnp.ones(s_, bool), max_rows=max_rows)
+            empty = (0, jnp.zeros((s_, b_, 2), jnp.float32), jnp.zeros((s_, b_), jnp.int32))
+            return local.run(step, empty, jax.random.key(0))[0][1:], idx, mask
+        return jax.vmap(one)(jnp.asarray(offsets[:-1], jnp.int32),
+                             jnp.asarray(sizes, jnp.int32), bits)
+
+    block, idx, mask = batches(max(sizes))
+    rows, _, _ = batches(None)
+    for cid in range(len(sizes)):
+        m = np.asarray(mask[cid])
+        reference = np.minimum(offsets[cid] + np.where(m, np.asarray(idx[cid]), 0),
+                               offsets[-1] - 1)
+        want = (x[reference] * m[..., None], np.asarray(data["y"])[reference] * m)
+        for got in (block, rows):
+            np.testing.assert_array_equal(np.asarray(got[0][cid]), want[0])
+            np.testing.assert_array_equal(np.asarray(got[1][cid]), want[1])

@@ -4,11 +4,21 @@ The loop is a `lax.scan` over the schedule's steps, fully or partly unrolled (`u
 Unrolling matters on XLA:CPU, where a convolution inside a while-loop body runs an order
 of magnitude slower than the same convolution unrolled (benchmarks/README.md); on
 accelerators a rolled scan compiles faster at the same speed.
+
+A client with small rows (at most BLOCK_FETCH_MAX_BYTES for the largest client's) whose
+loop reads at least as many rows as the largest client holds (every epoch-based schedule)
+fetches its rows once, as one contiguous block, and gathers its batches from that block:
+the same values, but a few sequential cache lines per client instead of one scattered
+memory access per example and step. On a 2-core CPU, logistic regression on clients of
+20 examples x 8 features: a round of 1,000 clients drawn from a million takes 4.4 ms
+instead of 6.0 ms (from a thousand, 4.0 ms either way), so a round's cost no longer grows
+with the data's size.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 import jax
@@ -24,11 +34,18 @@ PreprocessFn = Callable[[dict, jax.Array], dict]
 # A step's augmentation key: fold_in(step key, AUGMENT_STREAM); the step itself (dropout,
 # DP noise) uses the step key, so the two streams are independent.
 AUGMENT_STREAM = 0xA06
+# Clients whose rows take at most this many bytes are fetched as one block (see above);
+# a chunk of k clients then holds k such blocks.
+BLOCK_FETCH_MAX_BYTES = 4096
 
 
 class LocalData:
     """What a client function sees of its own data inside the round's jit (the
     `engine.contracts.ClientData` contract).
+
+    `max_rows`: the largest client's size; with it, a client whose loop reads at least
+    that many rows and whose rows are small fetches its rows as one block first (the
+    module docstring), with the same results.
 
     Attributes:
       num_examples: the client's example count (a traced scalar).
@@ -40,7 +57,9 @@ class LocalData:
     def __init__(self, data: dict, offset: jax.Array, idx: jax.Array, mask: jax.Array,
                  num_examples: jax.Array, client_id: jax.Array, unroll: int | bool,
                  live: jax.Array | None = None, preprocess: PreprocessFn | None = None,
-                 stats: PyTree = None):
+                 stats: PyTree = None, max_rows: int | None = None):
+        if max_rows is not None and _fetch_block(data, idx.size, max_rows):
+            data, offset = _client_block(data, offset, max_rows)
         self._data, self._offset, self._idx, self._mask = data, offset, idx, mask
         self._preprocess = preprocess
         self.stats = stats
@@ -119,3 +138,20 @@ class LocalData:
         if stats is not None:
             sums = {**sums, STATS_KEY: stats}
         return carry, sums
+
+
+def _fetch_block(data: dict, rows_read: int, max_rows: int) -> bool:
+    """Whether a client reading `rows_read` rows fetches its `max_rows` first (static)."""
+    total = min(v.shape[0] for v in data.values())
+    row_bytes = sum(math.prod(v.shape[1:]) * v.dtype.itemsize for v in data.values())
+    return rows_read >= max_rows and max_rows * row_bytes <= BLOCK_FETCH_MAX_BYTES \
+        and 0 < max_rows <= total
+
+
+def _client_block(data: dict, offset: jax.Array, rows: int) -> tuple[dict, jax.Array]:
+    """`rows` contiguous rows from the client's `offset` (moved back where the data ends
+    sooner), and the client's offset within them."""
+    total = min(v.shape[0] for v in data.values())
+    start = jnp.clip(offset, 0, total - rows)
+    block = {k: jax.lax.dynamic_slice_in_dim(v, start, rows) for k, v in data.items()}
+    return block, offset - start

@@ -406,7 +406,8 @@ class RoundProgram:
                           if self.schedule.sampling_rate is not None else None)
             local = LocalData(data.features, data.offsets[cid], idx, mask, n, cid, self.unroll,
                               live=steps_live, preprocess=self._train_preprocess,
-                              stats=state.stats if self.stats_mode is not None else None)
+                              stats=state.stats if self.stats_mode is not None else None,
+                              max_rows=self.max_client_size)
             # Without a mesh the client's state row is gathered here, inside the map, so
             # only a chunk's rows are materialised at a time.
             if own is None and table is not None:
