@@ -11,6 +11,7 @@ clients C, and the same results as before.
 
 import functools
 import hashlib
+import itertools
 import tracemalloc
 from collections import Counter
 from math import comb
@@ -294,3 +295,30 @@ def test_client_rows_fetched_as_a_block_feed_the_same_batches(schedule_args):
         for got in (block, rows):
             np.testing.assert_array_equal(np.asarray(got[0][cid]), want[0])
             np.testing.assert_array_equal(np.asarray(got[1][cid]), want[1])
+
+
+def test_poisson_sampling_of_a_large_population_keeps_its_distribution(monkeypatch):
+    """Poisson sampling drawn as Binomial(N, q) joiners in a uniformly ordered subset,
+    forced onto N = 6, q = 0.4, 3 slots: the kept set (the live slots, first) has exactly
+    the distribution of every client joining independently, a uniform 3 of them kept
+    where more join: chi-square over all 42 sets against that distribution."""
+    monkeypatch.setattr(round_module, "PERMUTATION_MAX_CLIENTS", 0)
+    n, q, slots, draws = 6, 0.4, 3, 20_000
+    cohort, live = jax.jit(jax.vmap(lambda k: round_module.poisson_cohort(k, n, q, slots)))(
+        jax.random.split(jax.random.key(5), draws))
+    cohort, live = np.asarray(cohort), np.asarray(live)
+    assert all(np.all(np.diff(row.astype(int)) <= 0) for row in live)  # live slots first
+    assert all(len(set(row)) == slots for row in cohort.tolist())
+    kept = Counter(tuple(sorted(c[l].tolist())) for c, l in zip(cohort, live))
+
+    def probability(size):  # of one given kept set of `size` clients
+        if size < slots:
+            return q ** size * (1 - q) ** (n - size)
+        return sum(comb(n - slots, k - slots) * q ** k * (1 - q) ** (n - k) / comb(k, slots)
+                   for k in range(slots, n + 1))
+
+    sets = [s for size in range(slots + 1) for s in itertools.combinations(range(n), size)]
+    assert abs(sum(probability(len(s)) for s in sets) - 1) < 1e-12 and set(kept) <= set(sets)
+    chi2 = sum((kept.get(s, 0) - draws * probability(len(s))) ** 2 / (draws * probability(len(s)))
+               for s in sets)
+    assert chi2 < 74.7  # chi-square, 41 dof, 0.999 quantile
