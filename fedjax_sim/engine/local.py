@@ -10,8 +10,8 @@ loop reads at least as many rows as the largest client holds (every epoch-based 
 fetches its rows once, as one contiguous block, and gathers its batches from that block:
 the same values, but a few sequential cache lines per client instead of one scattered
 memory access per example and step. On a 2-core CPU, logistic regression on clients of
-20 examples x 8 features: a round of 1,000 clients drawn from a million takes 4.4 ms
-instead of 6.0 ms (from a thousand, 4.0 ms either way), so a round's cost no longer grows
+20 examples x 8 features: a round of 1,000 clients drawn from a million takes 5.0 ms
+instead of 6.6 ms (from a thousand, 4.2 ms either way), so a round's cost grows little
 with the data's size.
 """
 

@@ -176,7 +176,8 @@ def poisson_cohort(key: jax.Array, num_clients: int, rate: float,
     the kept clients. One bit per client cost 180-250 ms a round at N = 10^6 on a 2-core
     CPU (a top-k over the N bits); this costs 0.5-5 ms.
     """
-    if num_clients <= PERMUTATION_MAX_CLIENTS or 2 * slots > num_clients or num_clients > 2 ** 24:
+    if (num_clients <= PERMUTATION_MAX_CLIENTS or 2 * slots > num_clients
+            or num_clients > 2 ** 24):
         bits = jax.random.bits(key, (num_clients,), jnp.uint32)
         return poisson_sample(bits, rate, jnp.int32(num_clients), slots, compact=True)
     k_count, k_ids = jax.random.split(key)
