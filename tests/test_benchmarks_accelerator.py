@@ -47,6 +47,7 @@ def _check_rows(rows, lines, expected_cases):
         assert m.group(9).strip() == "n/a"  # XLA:CPU reports no device memory
 
 
+@pytest.mark.slow  # ~13 CPU-seconds of CNN compiles: over the default suite's budget
 def test_quick_run_times_the_three_contenders(monkeypatch, capsys):
     rows, lines = _run(monkeypatch, capsys,
                        ["--quick", "--cases", "a", "--reps", "1", "--rounds", "3", "--no-check"])
