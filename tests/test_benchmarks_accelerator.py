@@ -1,8 +1,8 @@
 """benchmarks/accelerator.py runs and prints sane rows (its --quick mode, on the CPU).
 
-The default test runs one case without the engine-vs-loop check (one engine compile);
-the slow one runs every case with the check, which compares the engine's trained
-parameters with the sequential loop's."""
+Both run in the slow tier (their CNN compiles are over the default suite's budget): one
+case without the engine-vs-loop check, and every case with the check, which compares the
+engine's trained parameters with the sequential loop's."""
 
 import importlib.util
 import math
