@@ -35,7 +35,7 @@ def env_with_devices(devices: int) -> dict:
     return env
 
 
-def train(workdir, rounds, extra=(), devices=1):
+def train(workdir, rounds, extra=()):
     return [sys.executable, "-m", "fedjax_sim.cli.main", "train", "--config", CONFIG,
             "--workdir", str(workdir), f"--config.rounds={rounds}", *OVERRIDES, *extra]
 
