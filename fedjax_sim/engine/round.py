@@ -458,11 +458,14 @@ class RoundProgram:
             # Rows streamed to each device for its own clients (offsets [devices, C]) are
             # split across the devices; data placed whole is replicated.
             split = (data.features, data.offsets) if data.offsets.ndim == 2 else None
+
+            def on_device(pc, alive, own_rows=None):
+                local = data if own_rows is None else data._replace(
+                    features=own_rows[0], offsets=own_rows[1][0])
+                return client((pc[0], alive, pc[1], pc[2]), local)
+
             total, denominator, outs = mesh_lib.map_clients_on_mesh(
-                self.mesh, lambda pc, alive, *own_rows: client(
-                    (pc[0], alive, pc[1], pc[2]),
-                    data if not own_rows else DeviceData(own_rows[0][0], own_rows[0][1][0], data.sizes)),
-                (cohort, drawn.clients, own), drawn.live,
+                self.mesh, on_device, (cohort, drawn.clients, own), drawn.live,
                 self._poisson_chunk(self.mesh.size) if poisson else self.clients_per_chunk,
                 leading_live=poisson, split=split)
         elif poisson:

@@ -178,8 +178,13 @@ class HostData:
         return offsets
 
     def _window(self, program, root, start: int, rounds: int) -> np.ndarray:
+        """What rounds start .. start+rounds-1 train (their clients' ids), for `_send`."""
         cohorts, live = jax.device_get(program.cohorts(root, start, rounds))
         return np.asarray(cohorts)[np.asarray(live)]
+
+    def _send(self, window, slot: int) -> DeviceData:
+        """A call's data on device for `_window`'s result, its offsets in buffer `slot`."""
+        return self.pack(window, self.capacity, slot)
 
     def stream(self, run, program, window: int):
         """Wraps a compiled `run(state, data, model_state, root, start, count)` (compiled
@@ -195,13 +200,12 @@ class HostData:
             if pending is not None and pending[0] == start:
                 self.prefetched += 1
             else:
-                arrays = self.pack(self._window(program, root, start, window), self.capacity,
-                                   slot)
+                arrays = self._send(self._window(program, root, start, window), slot)
             # Draw the next window's cohorts now, while the device is idle, then pack and
             # send its rows in the background while this call runs.
             nxt = self._window(program, root, start + count, window)
             self._pending = (start + count, self._pool.submit(
-                self.pack, nxt, self.capacity, (self.calls + 1) % CALL_SLOTS))
+                self._send, nxt, (self.calls + 1) % CALL_SLOTS))
             return run(state, arrays, model_state, root, start, count)
 
         return run_streamed
@@ -277,20 +281,9 @@ class MeshHostData(HostData):
         offsets = jax.make_array_from_single_device_arrays((d, self.num_clients), self._split, rows)
         return DeviceData(feats, offsets, self._sizes_on_mesh)
 
-    def stream(self, run, program, window: int):
-        """As HostData.stream, each device receiving its own clients' rows."""
+    # HostData.stream, each device receiving its own clients' rows (every call builds
+    # fresh arrays: no offset buffers are reused, so `slot` plays no part).
+    _window = layout
 
-        def run_streamed(state, data, model_state, root, start, count):
-            del data
-            self.calls += 1
-            pending, self._pending = self._pending, None
-            if pending is not None and pending[0] == start:
-                arrays = pending[1].result()
-                self.prefetched += 1
-            else:
-                arrays = self.pack_devices(self.layout(program, root, start, window))
-            nxt = self.layout(program, root, start + count, window)
-            self._pending = (start + count, self._pool.submit(self.pack_devices, nxt))
-            return run(state, arrays, model_state, root, start, count)
-
-        return run_streamed
+    def _send(self, window, slot: int) -> DeviceData:
+        return self.pack_devices(window)
