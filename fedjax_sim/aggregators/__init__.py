@@ -22,6 +22,13 @@ composes parts: client transforms apply in order, then the reduction (the stream
 weighted sum, or the chain's one reducing part), then the finalizers in order. The
 differentially private parts (`clip`, `adaptive_clip`, `gaussian`, `dp_fedavg`) are in
 `fedjax_sim.aggregators.dp`.
+
+A part may also keep a state per client (`client_init`: error feedback's residual), which
+the engine stores like an algorithm's client states, and say what its client transform
+puts on the wire (`uplink`, a `Message`: values x bits, indices, side information), from
+which every round logs `uplink_bytes` and `downlink_bytes`. A part that cannot complete a
+round (a secure sum with too few survivors) returns the metric `ROUND_FAILED`: the round
+then has no effect.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any, Callable
 
 import jax
 
-from fedjax_sim.engine.contracts import AggregatorPart, Cohort
+from fedjax_sim.engine.contracts import ROUND_FAILED, AggregatorPart, Cohort, Message
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -52,33 +59,57 @@ def weighted_mean() -> AggregatorPart:
 
 
 def part(init: Callable | None = None, client: Callable | None = None,
-         finalize: Callable | None = None, reduce: Callable | None = None) -> AggregatorPart:
+         finalize: Callable | None = None, reduce: Callable | None = None,
+         client_init: Callable | None = None, uplink: Callable | None = None) -> AggregatorPart:
     """Builds a part from whichever of its functions it needs (see AggregatorPart):
-    `reduce(cohort, state, rng) -> (total, denominator)` makes it see every client's
-    update (`Cohort`) instead of the streaming weighted sum."""
+    `reduce(cohort, state, rng) -> (total, denominator[, metrics])` makes it see every
+    client's update (`Cohort`) instead of the streaming weighted sum; `client_init(params)`
+    gives it a state per client (its `client` then takes and returns that state);
+    `uplink(message, cohort_slots) -> Message` says what its client transform sends."""
+    if client_init is not None and client is None:
+        raise UserError("a part with client_init needs a client function "
+                        "client(delta, state, rng, client_state) -> (delta, report, client_state)")
     return AggregatorPart(init or (lambda params: ()), client or _no_client,
-                          finalize or _no_finalize, reduce)
+                          finalize or _no_finalize, reduce, client_init, uplink)
+
+
+def uplink_message(aggregator: AggregatorPart, entries: int, cohort_slots: int) -> Message:
+    """What one client sends with `aggregator`, for a delta of `entries` float32 values."""
+    message = Message(entries, 32)
+    return message if aggregator.uplink is None else aggregator.uplink(message, cohort_slots)
 
 
 def chain(*parts: AggregatorPart) -> AggregatorPart:
     """Composes parts: each client transform in order, then the reduction (the chain's
-    reducing part, if any, else the streaming weighted sum), then each finalizer in order."""
+    reducing part, if any, else the streaming weighted sum), then each finalizer in order.
+    Per-client states are a tuple over the parts (None for a part without one); what a
+    client sends is each part's `uplink` applied in order."""
     if not parts:
         return weighted_mean()
     reducing = [i for i, p in enumerate(parts) if p.reduce is not None]
     if len(reducing) > 1:
         raise UserError(f"a chain may hold one part that reduces the cohort itself, got "
                         f"{len(reducing)} (parts {reducing}); keep one of them")
+    stateful = any(p.client_init is not None for p in parts)
 
     def init(params):
         return tuple(p.init(params) for p in parts)
 
-    def client(delta, state, rng):
-        metrics = {}
+    def client(delta, state, rng, client_state=None):
+        metrics, new_states = {}, []
         for i, (p, s) in enumerate(zip(parts, state)):
-            delta, m = p.client(delta, s, jax.random.fold_in(rng, i))
+            key = jax.random.fold_in(rng, i)
+            if p.client_init is None:
+                delta, m = p.client(delta, s, key)
+                new_states.append(None)
+            else:
+                delta, m, own = p.client(delta, s, key, client_state[i])
+                new_states.append(own)
             metrics.update(m)
-        return delta, metrics
+        return (delta, metrics, tuple(new_states)) if stateful else (delta, metrics)
+
+    def client_init(params):
+        return tuple(None if p.client_init is None else p.client_init(params) for p in parts)
 
     def finalize(total, denominator, reports, state, rng):
         new_state, metrics, seen = [], {}, dict(reports)
@@ -90,6 +121,12 @@ def chain(*parts: AggregatorPart) -> AggregatorPart:
             seen.update(m)
         return total, denominator, tuple(new_state), metrics
 
+    def uplink(message, cohort_slots):
+        for p in parts:
+            if p.uplink is not None:
+                message = p.uplink(message, cohort_slots)
+        return message
+
     reduce = None
     if reducing:
         i = reducing[0]
@@ -97,10 +134,12 @@ def chain(*parts: AggregatorPart) -> AggregatorPart:
         def reduce(cohort, state, rng):
             return parts[i].reduce(cohort, state[i], jax.random.fold_in(rng, i))
 
-    return AggregatorPart(init, client, finalize, reduce)
+    return AggregatorPart(init, client, finalize, reduce, client_init if stateful else None,
+                          uplink if any(p.uplink is not None for p in parts) else None)
 
 
 from fedjax_sim.aggregators.dp import adaptive_clip, clip, dp_fedavg, gaussian, global_norm  # noqa: E402
 
-__all__ = ["AggregatorPart", "Cohort", "weighted_mean", "part", "chain", "clip", "adaptive_clip",
-           "gaussian", "dp_fedavg", "global_norm"]
+__all__ = ["AggregatorPart", "Cohort", "Message", "ROUND_FAILED", "uplink_message",
+           "weighted_mean", "part", "chain", "clip", "adaptive_clip", "gaussian", "dp_fedavg",
+           "global_norm"]

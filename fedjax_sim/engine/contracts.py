@@ -19,6 +19,7 @@ One round, as the engine executes it (engine.round; m = cohort slots, C = popula
                               live [m]), agg_state, rng)   (a part that needs every client)
     total, denominator, agg_state, metrics = aggregator.finalize(total, denominator,
                                                  sums of reports, agg_state, rng)
+    (a metric ROUND_FAILED that is true: the round has no effect, states stay as they were)
     server_state = algorithm.server_update(server_state, total / denominator,
                                            RoundSums(sum_i out_i.extras, clients, C))
     client_states[id_i] = out_i.client_state
@@ -32,6 +33,7 @@ written during tracing) and keep static shapes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 
 import jax
@@ -265,23 +267,65 @@ class Cohort(NamedTuple):
     live: jax.Array
 
 
+# A metric an aggregator part returns (from `reduce` or `finalize`, a bool scalar): true when
+# the round failed (e.g. too few clients of a secure aggregation survived to unmask the sum).
+# The engine then keeps the server state, the aggregator state and every client state as
+# they were before the round, and logs `round_failed` = 1.
+ROUND_FAILED = "round_failed"
+
+
+class Message(NamedTuple):
+    """What one client sends up in a round, as counted on the wire.
+
+    entries: values sent; value_bits: bits per value (32 for float32); index_bits: bits per
+    value naming its position (sparse formats); extra_bits: side information per message
+    (scales, norms, seeds, keys, secret shares).
+    """
+
+    entries: int
+    value_bits: int
+    index_bits: int = 0
+    extra_bits: int = 0
+
+    @property
+    def bits(self) -> int:
+        return self.entries * (self.value_bits + self.index_bits) + self.extra_bits
+
+    @property
+    def bytes(self) -> int:
+        return math.ceil(self.bits / 8)
+
+
 class AggregatorPart(NamedTuple):
     """One stage of aggregation (fedjax_sim.aggregators composes them with `chain`).
 
     init(params) -> state
     client(delta, state, rng) -> (delta, report: dict of per-client scalars)
         runs per client inside the vmap; the engine sums each report over the clients
-        that took part and logs its mean (names starting with '_' are not logged).
+        that took part and logs its mean (names starting with '_' are not logged). With
+        `client_init` set, the part keeps a state per client and
+        client(delta, state, rng, client_state) -> (delta, report, client_state).
     finalize(total, denominator, reports, state, rng) -> (total, denominator, state, metrics)
         runs once on the reduced update; the aggregate is total / denominator.
-    reduce(cohort: Cohort, state, rng) -> (total, denominator), or None
+    reduce(cohort: Cohort, state, rng) -> (total, denominator) or (total, denominator, metrics)
         None: the engine's streaming weighted sum (total = sum_i w_i d_i, denominator =
         sum_i w_i; memory proportional to the chunk). A part with `reduce` receives every
         client's update at once instead (memory proportional to the cohort), e.g. a
-        median or a trimmed mean. A chain holds at most one such part.
+        median, a trimmed mean or a secure sum. Its metrics (scalars) are logged and seen
+        by the finalizers in `reports`. A chain holds at most one such part.
+    client_init(params) -> one client's state (no client axis), or None: a part without
+        per-client state. The engine keeps one row per client of the population (on
+        device, on the host, or split across a mesh, like an algorithm's client states),
+        hands each client of a round its row and writes back the new one.
+    uplink(message: Message, cohort_slots: int) -> Message, or None (unchanged): what the
+        part's client transform makes a client send, given what it would send without
+        the part. The engine starts from Message(entries in the delta, 32) and applies
+        the chain's parts in order; `cohort_slots` is the round's number of cohort slots.
     """
 
     init: Callable[[PyTree], PyTree]
-    client: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
+    client: Callable[..., tuple]
     finalize: Callable[..., tuple[PyTree, jax.Array, PyTree, dict]]
-    reduce: Callable[[Cohort, PyTree, jax.Array], tuple[PyTree, jax.Array]] | None = None
+    reduce: Callable[[Cohort, PyTree, jax.Array], tuple] | None = None
+    client_init: Callable[[PyTree], PyTree] | None = None
+    uplink: Callable[[Message, int], Message] | None = None

@@ -34,8 +34,8 @@ import numpy as np
 
 from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
-from fedjax_sim.engine.contracts import (STATS_KEY, AggregatorPart, Algorithm, Cohort, Problem,
-                                         RoundSums)
+from fedjax_sim.engine.contracts import (ROUND_FAILED, STATS_KEY, AggregatorPart, Algorithm,
+                                         Cohort, Message, Problem, RoundSums)
 from fedjax_sim.engine import mesh as mesh_lib
 from fedjax_sim.engine.local import LocalData
 from fedjax_sim.trees import merge
@@ -69,6 +69,25 @@ class SimState(NamedTuple):
     aggregator: PyTree
     clients: PyTree = None
     stats: PyTree = None
+
+
+class ClientTables(NamedTuple):
+    """Per-client state where the aggregator keeps one too (error feedback's residuals):
+    the algorithm's rows (None for a stateless algorithm) and the aggregator's, each with a
+    leading axis over the same clients."""
+
+    algorithm: PyTree
+    aggregator: PyTree
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """The bytes of every array of `tree` (shapes and dtypes only: works on tracers)."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def tree_entries(tree: PyTree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
 
 
 class DeviceData(NamedTuple):
@@ -280,8 +299,20 @@ class RoundProgram:
             return mesh_lib.put(state, shardings)._replace(clients=clients)
         return mesh_lib.put(state, shardings)
 
+    def one_client_state(self, params: PyTree) -> PyTree:
+        """One client's state (no client axis): the algorithm's, or where the aggregator
+        keeps a state per client, `ClientTables` of both; None when neither does."""
+        own = self.algorithm.client_state_init(params)
+        if self.aggregator.client_init is None:
+            return own
+        return ClientTables(own, self.aggregator.client_init(params))
+
+    def algorithm_states(self, clients: PyTree) -> PyTree:
+        """The algorithm's part of a client-state table (what personalized evaluation reads)."""
+        return clients.algorithm if isinstance(clients, ClientTables) else clients
+
     def initial_client_states(self, params: PyTree, host: bool = False) -> PyTree:
-        one = self.algorithm.client_state_init(params)
+        one = self.one_client_state(params)
         if one is None:
             return None
         if host:
@@ -417,6 +448,8 @@ class RoundProgram:
         broadcast = algorithm.broadcast(state.server)
         table = state.clients
         row_of = (lambda cid: cid) if rows is None else (lambda cid: rows[cid])
+        own_state = aggregator.client_init is not None  # the aggregator keeps client rows
+        sent = {}  # what a client sends, recorded when the client function is traced
 
         def client(per_client, data=data):
             cid, live, drawn_for_client, own = per_client
@@ -434,11 +467,20 @@ class RoundProgram:
             # only a chunk's rows are materialised at a time.
             if own is None and table is not None:
                 own = jax.tree_util.tree_map(lambda t: t[row_of(cid)], table)
-            out = algorithm.client_update(problem._replace(num_examples=n), broadcast, local,
-                                          k_train, own)
+            out = algorithm.client_update(
+                problem._replace(num_examples=n), broadcast, local, k_train,
+                own.algorithm if own_state else own)
             metrics = dict(out.metrics)
             client_stats = metrics.pop(STATS_KEY, local.stats)
-            delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
+            sent.update(delta=tree_entries(out.delta), extras=tree_bytes(out.extras),
+                        stats=tree_bytes(client_stats) if averaged else 0)
+            if own_state:
+                delta, report, own_agg = aggregator.client(out.delta, state.aggregator,
+                                                           k_agg_client, own.aggregator)
+                new_row = ClientTables(out.client_state, own_agg)
+            else:
+                delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
+                new_row = out.client_state
             # A padding slot (Poisson sampling) weighs nothing and reports nothing.
             weight = jnp.where(live, algorithm.client_weight(n), 0.0)
             keep = lambda tree: jax.tree_util.tree_map(lambda v: jnp.where(live, v, 0), tree)
@@ -446,7 +488,7 @@ class RoundProgram:
             # and, where they are averaged, the client's running statistics (they bypass the
             # aggregator: no clipping, noise or compression).
             summed = (() if stacked else delta, client_stats if averaged else ())
-            return weight, summed, (keep(metrics), keep(report), out.client_state,
+            return weight, summed, (keep(metrics), keep(report), new_row,
                                     keep(out.extras), (keep(delta), weight) if stacked else ())
 
         poisson = self.sampling.kind == "poisson"
@@ -483,25 +525,57 @@ class RoundProgram:
             new_stats = jax.tree_util.tree_map(
                 lambda t, old: jnp.where(denominator > 0, t / jnp.maximum(denominator, 1e-30),
                                          old).astype(old.dtype), stats_total, state.stats)
+        reduced = {}
         if stacked:
-            total, denominator = aggregator.reduce(
+            total, denominator, *more = aggregator.reduce(
                 Cohort(cohort_updates[0], cohort_updates[1], drawn.live), state.aggregator,
                 jax.random.fold_in(drawn.k_agg, REDUCE_STREAM))
+            reduced = more[0] if more else {}
         num_live = jnp.sum(drawn.live.astype(jnp.float32))
         reports = {k: jnp.sum(v) for k, v in client_reports.items()}
         total, denominator, agg_state, agg_metrics = aggregator.finalize(
-            total, denominator, {**reports, "clients": num_live}, state.aggregator, drawn.k_agg)
+            total, denominator, {**reports, **reduced, "clients": num_live}, state.aggregator,
+            drawn.k_agg)
+        agg_metrics = {**reduced, **agg_metrics}
         sums = RoundSums(jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), extras), num_live,
                          self.num_clients)
         server = algorithm.server_update(state.server, divide(total, denominator), sums)
-        table = self._scatter_rows(table, new_rows, cohort, drawn.live, row_of)
+        (server, agg_state, new_stats), written = self._unless_failed(
+            agg_metrics, (server, agg_state, new_stats), state, drawn.live)
+        table = self._scatter_rows(table, new_rows, cohort, written, row_of)
         metrics = self._round_metrics(train_sums, reports, agg_metrics, data, drawn, num_live)
+        metrics.update(self._wire_metrics(sent, broadcast, num_live))
         # For the host's divergence guard (not logged): are the new global parameters finite?
         leaves = [x for x in jax.tree_util.tree_leaves(algorithm.params(server))
                   if jnp.issubdtype(x.dtype, jnp.inexact)]
         metrics["_params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) \
             if leaves else jnp.bool_(True)
         return SimState(server, agg_state, table, new_stats), metrics
+
+    @staticmethod
+    def _unless_failed(agg_metrics: dict, new: tuple, state: SimState, live: jax.Array):
+        """The round's new (server, aggregator, stats) states and which slots write their
+        client rows back; where the aggregator reports ROUND_FAILED, the states before the
+        round and no slot (the round has no effect). Logs round_failed as 0 or 1."""
+        failed = agg_metrics.pop(ROUND_FAILED, None)
+        if failed is None:
+            return new, live
+        agg_metrics[ROUND_FAILED] = failed.astype(jnp.int32)
+        old = (state.server, state.aggregator, state.stats)
+        kept = jax.tree_util.tree_map(lambda n, o: jnp.where(failed, o, n), new, old)
+        return kept, live & ~failed
+
+    def _wire_metrics(self, sent: dict, broadcast: PyTree, num_live: jax.Array) -> dict:
+        """Bytes on the wire per client and in total this round: up, the update as the
+        aggregator's parts encode it (`AggregatorPart.uplink`) plus what the algorithm sends
+        unencoded (float32 extras, averaged running statistics); down, the broadcast."""
+        message = Message(sent["delta"], 32)
+        if self.aggregator.uplink is not None:
+            message = self.aggregator.uplink(message, self.clients_per_round)
+        up = float(message.bytes + sent["extras"] + sent["stats"])
+        down = float(tree_bytes(broadcast))
+        return {"uplink_bytes_per_client": jnp.float32(up), "uplink_bytes": up * num_live,
+                "downlink_bytes_per_client": jnp.float32(down), "downlink_bytes": down * num_live}
 
     @staticmethod
     def _scatter_rows(table, new_rows, cohort, live, row_of):

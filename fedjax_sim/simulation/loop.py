@@ -21,7 +21,7 @@ from fedjax_sim.simulation.calls import RoundCalls, first_divergence
 from fedjax_sim.simulation.checkpoint import CheckpointOptions
 from fedjax_sim.simulation.evaluation import FineTune
 from fedjax_sim.simulation.interrupt import deferred_interrupt
-from fedjax_sim.simulation.private import warn_stop
+from fedjax_sim.simulation.private import warn_failed_rounds, warn_stop
 from fedjax_sim.simulation.progress import ProgressBar
 from fedjax_sim.simulation.results import Result, run_summary
 from fedjax_sim.simulation.resume import Saver, finished_result
@@ -95,9 +95,11 @@ def simulate(
                 if done % eval_every == 0 or last:
                     evaluated, client_metrics = plan.evaluators(*processes.local((
                         plan.algorithm.params(state.server),
-                        plan.current_model_state(model_state, state), state.clients)))
+                        plan.current_model_state(model_state, state),
+                        plan.program.algorithm_states(state.clients))))
                     rows[-1].update(evaluated)
                 log.log(rows)
+                warn_failed_rounds(rows)
                 bar.update(count, rows[-1], (done - start_round) / max(calls.train_seconds, 1e-9))
                 if saver is not None and (saver.due(done, last) or (interrupt.requested and done > saver.saved_round)):
                     saver.save(done, state, model_state, history)
@@ -122,7 +124,7 @@ def simulate(
         if client_metrics is not None:
             files.write_json(CLIENT_METRICS, client_metrics)
     return Result(params, plan.current_model_state(model_state, state), state.server, history,
-                  summary, state.clients, client_metrics)
+                  summary, plan.program.algorithm_states(state.clients), client_metrics)
 
 
 def _interrupted(done: int, saver: Saver | None, workdir: str | None) -> str:

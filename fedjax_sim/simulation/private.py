@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from fedjax_sim.aggregators import dp_fedavg
+from fedjax_sim.aggregators import ROUND_FAILED, dp_fedavg
 from fedjax_sim.engine.round import ClientSampling
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP, SampledGaussian,
@@ -291,3 +291,20 @@ def _finite_or_none(x: float):
 
 def warn_stop(message: str) -> None:
     warnings.warn(message, stacklevel=3)
+
+
+def warn_failed_rounds(rows: list[dict]) -> None:
+    """One warning line per round the aggregator could not complete (it had no effect)."""
+    for row in rows:
+        if row.get(ROUND_FAILED):
+            warnings.warn(f"round {row['round']} failed in aggregation and had no effect (the "
+                          f"model and every state are those of the round before){_why(row)}",
+                          stacklevel=3)
+
+
+def _why(row: dict) -> str:
+    if "secagg_survivors" in row and "secagg_threshold" in row:
+        return (f": {int(row['secagg_survivors'])} clients survived, fewer than the secure "
+                f"sum's threshold {int(row['secagg_threshold'])}; lower the dropout rate or "
+                f"the threshold")
+    return ""

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from fedjax_sim.engine.contracts import ROUND_FAILED
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation.checkpoint import export_params, from_host, to_host, tree_spec
 from fedjax_sim.simulation.rundir import json_safe
@@ -140,6 +141,17 @@ def final_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith(("test_", "client_", "heldout_"))}
 
 
+def communication_totals(history: list[dict]) -> dict:
+    """Bytes sent up and down over the whole run, and the rounds that failed (an aggregator
+    could not complete them, e.g. too few clients of a secure sum survived)."""
+    totals = {"uplink_bytes_total": sum(float(r.get("uplink_bytes", 0)) for r in history),
+              "downlink_bytes_total": sum(float(r.get("downlink_bytes", 0)) for r in history)}
+    failed = [r["round"] for r in history if r.get(ROUND_FAILED)]
+    if failed:
+        totals["failed_rounds"] = failed
+    return totals
+
+
 def run_summary(plan, calls, history: list[dict], start_round: int, done: int,
                 stopped: str | None) -> dict:
     """summary.json: final metrics, timings, the engine's choices and the data's sizes.
@@ -152,6 +164,7 @@ def run_summary(plan, calls, history: list[dict], start_round: int, done: int,
         summary.update(seconds_per_round=calls.train_seconds / max(done - start_round, 1),
                        compile_seconds=calls.compile_seconds)
     summary["resumed_from_round"] = start_round
+    summary.update(communication_totals(history))
     if calls is not None:
         summary.update({
             "num_params": plan.model.num_params(plan.params),

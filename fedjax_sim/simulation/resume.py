@@ -118,7 +118,7 @@ def finished_result(plan, files: RunDirectory, state, model_state, history, done
     params = plan.algorithm.params(state.server)
     files.export_params(params)
     return Result(params, plan.current_model_state(model_state, state), state.server, history,
-                  summary, state.clients)
+                  summary, plan.program.algorithm_states(state.clients))
 
 
 # Settings a run may resume with changed: where and on how many devices or processes it

@@ -275,7 +275,7 @@ def plan_run(request: RunRequest) -> RunPlan:
     if data is not None and mesh is not None:
         data = put_on_mesh(data, jax.tree_util.tree_map(lambda _: replicated(mesh), data))
     evaluators = _evaluators(r, model, task, algorithm, datasets, preprocess, root, data, streamer)
-    one_client = algorithm.client_state_init(params)
+    one_client = program.one_client_state(params)
     client_states = None if one_client is None else resolve_placement(
         r.engine.client_states, one_client, train_data.num_clients, backend)
     describe = (lambda: r.config) if r.config is not None else lambda: describe_run(
