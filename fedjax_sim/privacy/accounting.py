@@ -37,6 +37,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.privacy.skellam import SampledSkellam
 
 NeighboringRelation = dp_accounting.NeighboringRelation
 
@@ -211,10 +212,14 @@ class Accountant:
     sampling only: dp_accounting has no PLD for sampling without replacement.
     """
 
-    def __init__(self, mechanism: SampledGaussian, *, delta: float, accountant: str = "rdp",
-                 pld_discretization: float = 1e-3):
-        if not isinstance(mechanism, SampledGaussian):
-            raise UserError(f"mechanism must be a SampledGaussian, got {type(mechanism).__name__}")
+    def __init__(self, mechanism: SampledGaussian | SampledSkellam, *, delta: float,
+                 accountant: str = "rdp", pld_discretization: float = 1e-3):
+        if not isinstance(mechanism, (SampledGaussian, SampledSkellam)):
+            raise UserError(f"mechanism must be a SampledGaussian or a SampledSkellam, got "
+                            f"{type(mechanism).__name__}")
+        if isinstance(mechanism, SampledSkellam) and accountant != "rdp":
+            raise UserError("the Skellam mechanism (distributed DP) is accounted with RDP only; "
+                            "use accountant='rdp'")
         if not (_is_real(delta) and 0 < delta < 1):
             raise UserError(f"delta must be in (0, 1), typically ≪ 1/N, got {delta!r}")
         if accountant not in _ACCOUNTANTS:
@@ -255,6 +260,8 @@ class Accountant:
             neighboring_relation=self.mechanism.neighboring_relation)
 
     def _one_step_rdp(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if isinstance(self.mechanism, SampledSkellam):
+            return self.mechanism.rdp()
         # RDP adds up under composition: T applications have T times one application's
         # curve, the same sum RdpAccountant forms. Read the curve from the accountant's
         # state; if a future dp_accounting renames it, fall back to composing per count.
