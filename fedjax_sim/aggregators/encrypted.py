@@ -43,9 +43,9 @@ defaults) a ciphertext's serialized size depends only on the parameters and its 
 length, so this is exact; with smaller primes SEAL's compression varies it by a few
 hundred bytes.
 
-In a chain it goes after per-client transforms that keep the update dense (clipping,
-quantization; a sparsifying part before it is refused) and before finalizers, which act on
-the decrypted sum: chain(clip(C), encrypted_sum(), gaussian(z, expected_clients=m)) adds
+In a chain it goes after the per-client transforms (clipping, quantization; after a
+sparsifying one it encrypts the update dense, zeros included, and counts those bytes) and
+before the finalizers, which act on the decrypted sum: chain(clip(C), encrypted_sum(), gaussian(z, expected_clients=m)) adds
 the noise after decryption, so the key holder sees the sum without it.
 
 What it protects: an honest-but-curious aggregator (the server) sees neither any client's
@@ -224,6 +224,7 @@ class _Parties:
         self._secret = self._public = None
         self.public_context_bytes = None
         self._ciphertext_bytes = {}  # chunk length -> serialized bytes
+        self.dense_entries = None  # values in a client's update, set when the reduce is traced
 
     def contexts(self):
         """(secret, public) contexts, made on first use (key generation takes a moment)."""
@@ -372,13 +373,13 @@ def encrypted_sum(scheme: str = "ckks", *, poly_modulus_degree: int = 8192,
 
     def uplink(message, cohort_slots):
         del cohort_slots
-        if message.index_bits:
-            raise UserError("encrypted_sum adds the clients' dense updates slot by slot; a "
-                            "sparsifying part before it in the chain cannot be encrypted so, "
-                            "drop one of them")
-        # No plaintext values: the message is the ciphertexts, counted as their serialized bits.
+        # What is encrypted is the dense update, whatever a part before this one (top_k,
+        # random_k) counted: its size as the reduce last traced it (the engine traces the
+        # reduce before it asks), else the message's entries. No plaintext values are sent:
+        # the message is the ciphertexts, counted as their serialized bits.
+        entries = parties.dense_entries or message.entries
         return message._replace(entries=0, index_bits=0,
-                                extra_bits=8 * parties.message_bytes(message.entries))
+                                extra_bits=8 * parties.message_bytes(entries))
 
     return part(reduce=reduce, uplink=uplink)
 
@@ -398,7 +399,7 @@ def _encrypted_reduce(parties: _Parties, cohort):
                         f"lower plain_modulus_bits or add a coefficient prime")
     leaves, treedef = jax.tree_util.tree_flatten(cohort.updates)
     flat = jnp.concatenate([x.reshape(m, -1).astype(jnp.float32) for x in leaves], axis=1)
-    size = flat.shape[1]
+    size = parties.dense_entries = flat.shape[1]
     shapes = (jax.ShapeDtypeStruct((size,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
               jax.ShapeDtypeStruct((len(COSTS),), jnp.float32),
               jax.ShapeDtypeStruct((), jnp.bool_))
