@@ -119,3 +119,34 @@ def test_a_failed_round_has_no_effect_and_warns():
     assert three.summary["failed_rounds"] == [2, 3]
     failed = [str(w.message) for w in caught if "failed in aggregation" in str(w.message)]
     assert len(failed) == 2 and failed[0].startswith("round 2 failed")
+
+
+def test_readme_compression_example_sends_what_a_hand_count_gives():
+    from test_extending import readme_example
+
+    result = readme_example("compressed")["result"]
+    d = 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the MLP 200-200's parameters
+    k = -(-d // 10)  # top 10%, rounded up
+    index_bits = (d - 1).bit_length()  # 16 bits name one of 55,210 positions
+    expected = -(-(k * (8 + index_bits) + 64) // 8)  # k 8-bit values, k indices, min and max
+    assert result.history[-1]["uplink_bytes_per_client"] == expected == 16_571
+    assert result.history[-1]["downlink_bytes_per_client"] == 4 * d
+
+
+def test_with_client_level_dp_the_users_parts_run_before_clipping():
+    """DP clips what the user's parts would send: a part that multiplies every update by
+    1000 makes every client clipped, and the logged norm is the multiplied one."""
+    def times_1000(delta, state, rng):
+        del state, rng
+        return jax.tree_util.tree_map(lambda v: v * 1000.0, delta), {}
+
+    data, model = _toy(), logistic_regression((FEATURES,), CLASSES)
+    alg = fs.algorithms.fedavg(optax.sgd(LR), local_epochs=None, local_steps=STEPS,
+                               batch_size=None, weighting="uniform")
+    plain = fs.simulate(model, alg, data, rounds=1, clients_per_round=3, progress=False,
+                        eval_every=10, privacy=fs.privacy.ClientLevelDP(1.0, 1e-3, clip_norm=1e6))
+    scaled = fs.simulate(model, alg, data, rounds=1, clients_per_round=3, progress=False,
+                         eval_every=10, aggregator=part(client=times_1000),
+                         privacy=fs.privacy.ClientLevelDP(1.0, 1e-3, clip_norm=1e6))
+    np.testing.assert_allclose(scaled.history[0]["dp_update_norm"],
+                               1000 * plain.history[0]["dp_update_norm"], rtol=1e-5)

@@ -318,7 +318,7 @@ def test_override_of_an_absent_section_says_what_else_it_needs(capsys):
 def test_undocumented_override_suggests_the_documented_key(capsys):
     line = _error_line(capsys, "--config.privcy.level=client")
     assert line.startswith("error: unknown config key 'privcy.level'; did you mean "
-                           "'privacy.level'? known keys at the top level: algorithm, batch_norm, ")
+                           "'privacy.level'? known keys at the top level: aggregator, algorithm, ")
     line = _error_line(capsys, "--config.privacy.noise_multiplir=1")
     assert line.startswith("error: unknown config key 'privacy.noise_multiplir'; did you mean "
                            "'privacy.noise_multiplier'? known keys in config.privacy: "), line

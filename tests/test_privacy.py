@@ -342,9 +342,10 @@ def test_bad_privacy_input_gives_clear_errors():
         fs.simulate(model, weighted, data, rounds=1, clients_per_round=4, progress=False,
                     privacy=ClientLevelDP(1.0, 1e-3, clip_norm=1.0))
     uniform = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=4, weighting="uniform")
-    with pytest.raises(fs.UserError, match="either aggregator= or privacy="):
+    with pytest.raises(fs.UserError, match="reduces the cohort itself"):
         fs.simulate(model, uniform, data, rounds=1, clients_per_round=4, progress=False,
-                    aggregator=fs.aggregators.clip(1.0), privacy=ClientLevelDP(1.0, 1e-3, clip_norm=1.0))
+                    aggregator=fs.aggregators.secure_aggregation(1.0, cohort_size=4),
+                    privacy=ClientLevelDP(1.0, 1e-3, clip_norm=1.0))
     with pytest.raises(fs.UserError, match="already exceeded by one round"):
         fs.simulate(model, uniform, data, rounds=5, clients_per_round=4, progress=False,
                     privacy=ClientLevelDP(0.5, 1e-3, clip_norm=1.0, target_epsilon=0.1))

@@ -139,7 +139,12 @@ def chain(*parts: AggregatorPart) -> AggregatorPart:
 
 
 from fedjax_sim.aggregators.dp import adaptive_clip, clip, dp_fedavg, gaussian, global_norm  # noqa: E402
+from fedjax_sim.aggregators.compression import quantize, random_k, sign, top_k  # noqa: E402
+from fedjax_sim.aggregators.secure import integer_encode, secure_aggregation, secure_sum  # noqa: E402
+from fedjax_sim.aggregators.encrypted import encrypted_sum  # noqa: E402
+from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_encode  # noqa: E402
 
 __all__ = ["AggregatorPart", "Cohort", "Message", "ROUND_FAILED", "uplink_message",
            "weighted_mean", "part", "chain", "clip", "adaptive_clip", "gaussian", "dp_fedavg",
-           "global_norm"]
+           "global_norm", "quantize", "sign", "top_k", "random_k", "integer_encode", "secure_sum",
+           "secure_aggregation", "encrypted_sum", "distributed_dp", "skellam_encode"]

@@ -13,18 +13,18 @@ from __future__ import annotations
 import dataclasses
 
 from fedjax_sim import registry
-from fedjax_sim.privacy import AdaptiveClipping
+from fedjax_sim.privacy import AdaptiveClipping, SecureAggregation
 from fedjax_sim.simulation import DistributedOptions, EngineOptions, FineTune
 from fedjax_sim.cli.rules import get, is_section
 
 __all__ = ["TOP_LEVEL_KEYS", "CHECKPOINT_DEFAULTS", "MODEL_KEYS", "PRETRAINED_KEYS",
            "OPTIMIZER_KEYS", "PREPROCESS_KEYS", "FINETUNE_KEYS", "ENGINE_KEYS", "DISTRIBUTED_KEYS", "PRIVACY_KEYS",
-           "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "FREE", "keys_at",
+           "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "SECURE_AGGREGATION_KEYS", "AGGREGATOR_KEYS", "FREE", "keys_at",
            "algorithm_keys"]
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
                   "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess",
-                  "batch_norm", "feature_cache", "distributed")
+                  "batch_norm", "feature_cache", "distributed", "aggregator")
 # When a config has no `checkpoint` section (or leaves a key of it out).
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 MODEL_KEYS = ("name", "num_outputs", "args", "trainable", "pretrained")
@@ -46,6 +46,10 @@ PRIVACY_KEYS = ("level", *sorted({k for keys in PRIVACY_LEVEL_KEYS.values() for 
 # The value a key of the other level may hold (the dataclass default; None where not listed).
 PRIVACY_UNSET = {"sampling": "poisson"}
 ADAPTIVE_CLIPPING_KEYS = tuple(f.name for f in dataclasses.fields(AdaptiveClipping))
+# config.aggregator: compression parts (a list), secure or encrypted aggregation.
+AGGREGATOR_KEYS = ("compression", "secure", "encrypted")
+# config.privacy.secure_aggregation: distributed DP (SecureAggregation's fields).
+SECURE_AGGREGATION_KEYS = tuple(f.name for f in dataclasses.fields(SecureAggregation))
 
 FREE = None  # a free-form argument dict
 _FIXED = {
@@ -60,6 +64,10 @@ _FIXED = {
     ("checkpoint",): tuple(CHECKPOINT_DEFAULTS),
     ("privacy",): PRIVACY_KEYS,
     ("privacy", "adaptive_clipping"): ADAPTIVE_CLIPPING_KEYS,
+    ("privacy", "secure_aggregation"): SECURE_AGGREGATION_KEYS,
+    ("aggregator",): AGGREGATOR_KEYS,
+    ("aggregator", "secure"): FREE,
+    ("aggregator", "encrypted"): FREE,
     ("finetune",): FINETUNE_KEYS,
     ("preprocess",): PREPROCESS_KEYS,
 }

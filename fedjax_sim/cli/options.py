@@ -13,16 +13,19 @@ import dataclasses
 import numpy as np
 import optax
 
-from fedjax_sim import registry
+from fedjax_sim import aggregators, registry
 from fedjax_sim.data import Preprocess
 from fedjax_sim.errors import UserError
-from fedjax_sim.privacy import AdaptiveClipping
+from fedjax_sim.privacy import AdaptiveClipping, SecureAggregation
 from fedjax_sim.simulation import CheckpointOptions, DistributedOptions, EngineOptions, FineTune
-from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, CHECKPOINT_DEFAULTS, PRIVACY_KEYS,
-                                   PRIVACY_LEVEL_KEYS, PRIVACY_UNSET)
-from fedjax_sim.cli.rules import as_dict, check_keys, get, is_section, section, show
+from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, AGGREGATOR_KEYS, CHECKPOINT_DEFAULTS,
+                                   PRIVACY_KEYS,
+                                   PRIVACY_LEVEL_KEYS, PRIVACY_UNSET, SECURE_AGGREGATION_KEYS)
+from fedjax_sim.cli.rules import (as_dict, check_args, check_choice, check_keys, get, is_section,
+                                  section, show)
 
 __all__ = ["build_optimizer", "build_algorithm", "privacy_options", "preprocess_options",
+           "aggregator_options",
            "finetune_options", "checkpoint_options", "engine_options", "distributed_options"]
 
 
@@ -129,6 +132,18 @@ def _privacy_error(e: UserError) -> UserError:
                      else f"config.privacy: {message}")
 
 
+def _subsection(values: dict, key: str, keys: tuple, allowed: str) -> dict | None:
+    """config.privacy.<key> as a dict of its checked keys, or None."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if not is_section(value):
+        raise UserError(f"config.privacy.{key} must be {allowed}, got {show(value)}")
+    value = as_dict(value)
+    check_keys(value, f"privacy.{key}", keys)
+    return value
+
+
 def privacy_options(config):
     """`config.privacy` as `ClientLevelDP` / `ExampleLevelDP` (None when absent or None).
 
@@ -153,17 +168,17 @@ def privacy_options(config):
             raise UserError(f"config.privacy.{key} is missing; level={level!r} needs it "
                             f"({_PRIVACY_REQUIRED.get(key, 'see fedjax_sim.privacy')})")
     kwargs = {k: v for k, v in values.items() if k in own}
-    adaptive = kwargs.get("adaptive_clipping")
-    if adaptive is not None:
-        if not is_section(adaptive):
-            raise UserError(f"config.privacy.adaptive_clipping must be None (a fixed clip norm) or "
-                            f"a section, e.g. dict(target_quantile=0.5, learning_rate=0.2), got "
-                            f"{show(adaptive)}")
-        adaptive = as_dict(adaptive)
-        check_keys(adaptive, "privacy.adaptive_clipping", ADAPTIVE_CLIPPING_KEYS)
+    adaptive = _subsection(kwargs, "adaptive_clipping", ADAPTIVE_CLIPPING_KEYS,
+                           "None (a fixed clip norm) or a section, e.g. "
+                           "dict(target_quantile=0.5, learning_rate=0.2)")
+    secure = _subsection(kwargs, "secure_aggregation", SECURE_AGGREGATION_KEYS,
+                         "None (central DP: the server adds the noise) or a section, e.g. "
+                         "dict(modulus_bits=32, dropout_rate=0.1)")
     try:
         if adaptive is not None:
             kwargs["adaptive_clipping"] = AdaptiveClipping(**adaptive)
+        if secure is not None:
+            kwargs["secure_aggregation"] = SecureAggregation(**secure)
         if kwargs.get("sampling") == "fixed" and kwargs.get("accountant", "rdp") == "pld":
             raise UserError("privacy.accountant='pld' cannot account for sampling='fixed' "
                             "(fixed-size sampling without replacement); use accountant='rdp' or "
@@ -171,3 +186,62 @@ def privacy_options(config):
         return cls(**kwargs)
     except UserError as e:
         raise _privacy_error(e) from None
+
+
+# config.aggregator.compression: a list of {name, <the part's arguments>}, applied in order.
+COMPRESSORS = {"quantize": aggregators.quantize, "sign": aggregators.sign,
+               "top_k": aggregators.top_k, "random_k": aggregators.random_k}
+
+
+def aggregator_options(config):
+    """`config.aggregator` as one `AggregatorPart` (None when absent or None): the
+    compression parts in order, then secure aggregation (`secure`, the arguments of
+    fedjax_sim.aggregators.secure_aggregation; cohort_size defaults to clients_per_round)
+    or homomorphically encrypted aggregation (`encrypted`, those of encrypted_sum)."""
+    values = section(config, "aggregator", required=False)
+    if values is None:
+        return None
+    values = as_dict(values)
+    check_keys(values, "aggregator", AGGREGATOR_KEYS)
+    parts = []
+    compression = values.get("compression") or []
+    if not isinstance(compression, (list, tuple)):
+        raise UserError(f"config.aggregator.compression must be a list of parts, e.g. "
+                        f"[dict(name='top_k', fraction=0.1), dict(name='quantize', bits=8)], "
+                        f"got {show(compression)}")
+    for i, entry in enumerate(compression):
+        key = f"aggregator.compression[{i}]"
+        if not is_section(entry):
+            raise UserError(f"config.{key} must be a section such as dict(name='quantize', bits=8), "
+                            f"got {show(entry)}")
+        args = as_dict(entry)
+        name = args.pop("name", None)
+        check_choice(name, f"{key}.name", COMPRESSORS, "a known compression")
+        check_args(key, args, COMPRESSORS[name], (), f"{name}()")
+        parts.append(_built(key, COMPRESSORS[name], args))
+    secure, encrypted = values.get("secure"), values.get("encrypted")
+    if secure is not None and encrypted is not None:
+        raise UserError("config.aggregator holds both secure and encrypted aggregation; keep one "
+                        "of them (each replaces the server's plain sum)")
+    for key, fn in (("secure", aggregators.secure_aggregation),
+                    ("encrypted", aggregators.encrypted_sum)):
+        args = values.get(key)
+        if args is None:
+            continue
+        if not is_section(args):
+            raise UserError(f"config.aggregator.{key} must be None or a section of "
+                            f"{fn.__name__}'s arguments, got {show(args)}")
+        args = as_dict(args)
+        if key == "secure":
+            args.setdefault("cohort_size", config["clients_per_round"])
+        check_args(f"aggregator.{key}", args, fn, (), f"{fn.__name__}()")
+        parts.append(_built(f"aggregator.{key}", fn, args))
+    return aggregators.chain(*parts) if parts else None
+
+
+def _built(key: str, fn, args: dict):
+    """fn(**args), its UserError naming the config key."""
+    try:
+        return fn(**args)
+    except UserError as e:
+        raise UserError(f"config.{key}: {e}") from None

@@ -91,6 +91,39 @@ class AdaptiveClipping:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecureAggregation:
+    """Distributed DP (`ClientLevelDP(..., secure_aggregation=SecureAggregation(...))`): the
+    clients add Skellam noise to integer-encoded updates and the server sees only their
+    secure sum (fedjax_sim.aggregators.distributed_dp), so the server need not be trusted.
+
+    modulus_bits: b, the secure sum works mod 2^b (2..32).
+    dropout_rate: each client's chance to drop out after masking, per round.
+    min_clients: t, the secure sum's threshold: fewer survivors fail the round, and each
+      client adds 1/t of the noise (default ⌊2m/3⌋ + 1 of the m clients per round).
+    scale: the encoding's scale s (default: the largest that keeps the sum in range).
+    beta: conditional rounding's miss probability per attempt (Kairouz et al. 2021).
+    """
+
+    modulus_bits: int = 32
+    dropout_rate: float = 0.0
+    min_clients: int | None = None
+    scale: float | None = None
+    beta: float = math.exp(-0.5)
+
+    def __post_init__(self):
+        _int("privacy.secure_aggregation.modulus_bits", self.modulus_bits, 2)
+        if self.modulus_bits > 32:
+            raise UserError(f"privacy.secure_aggregation.modulus_bits must be an integer in "
+                            f"[2, 32], got {self.modulus_bits!r}")
+        _real("privacy.secure_aggregation.dropout_rate", self.dropout_rate, low=0, high=1,
+              high_open=True)
+        _int("privacy.secure_aggregation.min_clients", self.min_clients, 1, optional=True)
+        _real("privacy.secure_aggregation.scale", self.scale, low=0, low_open=True,
+              optional=True)
+        _real("privacy.secure_aggregation.beta", self.beta, low=0, high=1, high_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientLevelDP:
     """DP-FedAvg: clipped, noised client updates, with ε per round.
 
@@ -108,6 +141,9 @@ class ClientLevelDP:
       with a small simulated cohort; ε is then that of a population with the same q.
     accountant: 'rdp' (default; quick) or 'pld' (tighter; tens of ms per round).
     target_epsilon: stop training before ε would exceed it.
+    secure_aggregation: None (the server adds Gaussian noise: central DP) or
+      `SecureAggregation(...)`: distributed DP, the clients add Skellam noise under a
+      secure sum (fixed clipping, RDP accountant).
     """
 
     noise_multiplier: float
@@ -119,10 +155,12 @@ class ClientLevelDP:
     noise_cohort_size: int | None = None
     accountant: str = "rdp"
     target_epsilon: float | None = None
+    secure_aggregation: SecureAggregation | None = None
 
     def __post_init__(self):
         _real("privacy.noise_multiplier", self.noise_multiplier, low=0)
         _common(self)
+        self._check_secure_aggregation()
         if self.adaptive_clipping is None and self.clip_norm is None:
             raise UserError("privacy.clip_norm is required with fixed clipping; set it (e.g. 1.0) "
                             "or use adaptive_clipping")
@@ -142,6 +180,27 @@ class ClientLevelDP:
         if self.sampling == "fixed" and self.accountant == "pld":
             raise UserError("the PLD accountant cannot account for fixed-size sampling without "
                             "replacement; use accountant='rdp' or sampling='poisson'")
+
+
+    def _check_secure_aggregation(self):
+        secure = self.secure_aggregation
+        if secure is None:
+            return
+        if not isinstance(secure, SecureAggregation):
+            raise UserError(f"privacy.secure_aggregation must be None or SecureAggregation(...), "
+                            f"got {secure!r}")
+        if self.adaptive_clipping is not None or self.clip_norm is None:
+            raise UserError("privacy.secure_aggregation (distributed DP) needs a fixed clip_norm: "
+                            "set clip_norm and drop adaptive_clipping")
+        if self.noise_multiplier <= 0:
+            raise UserError("privacy.secure_aggregation (distributed DP) needs a noise_multiplier "
+                            "> 0")
+        if self.accountant != "rdp":
+            raise UserError("privacy.secure_aggregation (distributed DP, Skellam noise) is "
+                            "accounted with RDP only; set accountant='rdp'")
+        if self.noise_cohort_size is not None:
+            raise UserError("privacy.noise_cohort_size does not apply with secure_aggregation: "
+                            "the noise is the clients' own; drop it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,5 +233,5 @@ class ExampleLevelDP:
         _common(self)
 
 
-__all__ = ["ClientLevelDP", "ExampleLevelDP", "AdaptiveClipping", "Accountant", "SampledGaussian",
+__all__ = ["ClientLevelDP", "ExampleLevelDP", "AdaptiveClipping", "SecureAggregation", "Accountant", "SampledGaussian",
            "epsilon", "calibrate_noise", "default_cap", "ACCOUNTANTS", "CLIENT_SAMPLINGS"]

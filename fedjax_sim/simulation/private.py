@@ -27,11 +27,13 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from fedjax_sim.aggregators import ROUND_FAILED, dp_fedavg
+from fedjax_sim.aggregators import ROUND_FAILED, chain, dp_fedavg
+from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_setting
 from fedjax_sim.engine.round import ClientSampling
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP, SampledGaussian,
                                 default_cap)
+from fedjax_sim.privacy.skellam import SampledSkellam
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
 from fedjax_sim.registry import client_dp_algorithms
 
@@ -79,6 +81,29 @@ def budget_cap(population: int, sampling_rate: float, noise_multiplier: float, d
     return hi
 
 
+def _distributed(privacy, gaussian: SampledGaussian, entries: int | None, clients_per_round: int):
+    """(the Skellam mechanism, the aggregator) of distributed DP: the sampling of the
+    Gaussian mechanism it replaces, the noise and sensitivities of the encoded updates."""
+    secure = privacy.secure_aggregation
+    if entries is None:
+        raise UserError("distributed DP needs the update's size (update_entries)")
+    slots = gaussian.max_sample_size or gaussian.sample_size
+    setting = skellam_setting(
+        privacy.noise_multiplier, clip_norm=privacy.clip_norm, entries=entries,
+        cohort_slots=min(slots, gaussian.population),
+        min_clients=secure.min_clients or math.ceil(clients_per_round / 2),
+        modulus_bits=secure.modulus_bits, scale=secure.scale, beta=secure.beta)
+    mechanism = SampledSkellam(setting.l2_sensitivity, setting.l1_sensitivity, setting.variance,
+                               gaussian.sampling, gaussian.population,
+                               sampling_rate=gaussian.sampling_rate,
+                               sample_size=gaussian.sample_size,
+                               max_sample_size=gaussian.max_sample_size)
+    return mechanism, distributed_dp(setting, clip_norm=privacy.clip_norm,
+                                     expected_clients=float(clients_per_round),
+                                     modulus_bits=secure.modulus_bits,
+                                     dropout_rate=secure.dropout_rate)
+
+
 class PrivatePlan:
     """Builds the private parts of a run and keeps its privacy ledger.
 
@@ -91,16 +116,18 @@ class PrivatePlan:
     """
 
     def __init__(self, privacy, *, algorithm, aggregator, num_clients: int,
-                 clients_per_round: int, max_client_size: int, rounds: int):
+                 clients_per_round: int, max_client_size: int, rounds: int,
+                 update_entries: int | None = None):
         self.privacy = privacy
         self.num_clients = num_clients
         self.aggregator, self.sampling, self.schedule_args, self.example_noise = None, None, {}, None
         self.steps_per_round = 1
         if isinstance(privacy, ClientLevelDP):
             self.level = "client"
-            if aggregator is not None:
-                raise UserError("pass either aggregator= or privacy=ClientLevelDP(...), not both: "
-                                "client-level DP builds its own aggregator (clip + gaussian)")
+            if aggregator is not None and aggregator.reduce is not None:
+                raise UserError("client-level DP cannot follow an aggregator part that reduces the "
+                                "cohort itself (its output's sensitivity is unknown); to combine "
+                                "DP with secure aggregation use privacy.secure_aggregation")
             if getattr(algorithm, "client_dp", None):
                 raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
                                 f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())} "
@@ -121,14 +148,20 @@ class PrivatePlan:
                 self.sampling = ClientSampling("poisson", slots, q)
             else:
                 mechanism = SampledGaussian(z, "fixed", num_clients, sample_size=clients_per_round)
-            adaptive = privacy.adaptive_clipping
-            self.aggregator = dp_fedavg(
-                z, expected_clients=float(clients_per_round), clip_norm=privacy.clip_norm,
-                adaptive=adaptive is not None,
-                target_quantile=adaptive.target_quantile if adaptive else 0.5,
-                learning_rate=adaptive.learning_rate if adaptive else 0.2,
-                count_stddev=adaptive.count_stddev if adaptive else None,
-                noise_cohort_size=privacy.noise_cohort_size)
+            if privacy.secure_aggregation is not None:
+                mechanism, private_part = _distributed(privacy, mechanism, update_entries,
+                                                       clients_per_round)
+            else:
+                adaptive = privacy.adaptive_clipping
+                private_part = dp_fedavg(
+                    z, expected_clients=float(clients_per_round), clip_norm=privacy.clip_norm,
+                    adaptive=adaptive is not None,
+                    target_quantile=adaptive.target_quantile if adaptive else 0.5,
+                    learning_rate=adaptive.learning_rate if adaptive else 0.2,
+                    count_stddev=adaptive.count_stddev if adaptive else None,
+                    noise_cohort_size=privacy.noise_cohort_size)
+            # A user's parts (compression) run first: DP clips what they would send.
+            self.aggregator = private_part if aggregator is None else chain(aggregator, private_part)
         elif isinstance(privacy, ExampleLevelDP):
             self.level = "example"
             q = privacy.sampling_rate
@@ -278,6 +311,11 @@ class PrivatePlan:
                "overflow_probability": self.mechanism.overflow_probability()}
         if self.level == "client":
             out["cohort_slots"] = self.sampling.slots if self.sampling else None
+            if isinstance(self.mechanism, SampledSkellam):  # distributed DP
+                m = self.mechanism
+                out["distributed"] = {"mechanism": "skellam", "l2_sensitivity": m.l2_sensitivity,
+                                      "l1_sensitivity": m.l1_sensitivity,
+                                      "sum_noise_variance": m.variance}
         else:
             out.update(max_batch_size=self.schedule_args["batch_size"],
                        local_steps=self.steps_per_round,
@@ -303,8 +341,12 @@ def warn_failed_rounds(rows: list[dict]) -> None:
 
 
 def _why(row: dict) -> str:
-    if "secagg_survivors" in row and "secagg_threshold" in row:
+    if row.get("secagg_too_few_survivors"):
         return (f": {int(row['secagg_survivors'])} clients survived, fewer than the secure "
                 f"sum's threshold {int(row['secagg_threshold'])}; lower the dropout rate or "
                 f"the threshold")
+    if row.get("secagg_overflow_coordinates"):
+        return (f": the secure sum left the modulus' range in "
+                f"{int(row['secagg_overflow_coordinates'])} coordinates; raise modulus_bits or "
+                f"lower the scale")
     return ""

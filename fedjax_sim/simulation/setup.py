@@ -9,6 +9,7 @@ Nothing here runs a round; `simulation.loop` does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, Callable
 
@@ -309,7 +310,8 @@ def _privacy_and_schedule(r: RunRequest):
         private = PrivatePlan(r.privacy, algorithm=r.algorithm, aggregator=r.aggregator,
                               num_clients=r.train_data.num_clients,
                               clients_per_round=r.clients_per_round,
-                              max_client_size=r.train_data.max_client_size, rounds=r.rounds)
+                              max_client_size=r.train_data.max_client_size, rounds=r.rounds,
+                              update_entries=_entries(r.model))
         aggregator = private.aggregator
     local = r.algorithm.local_schedule
     schedule = make_schedule(r.train_data.max_client_size, **{
@@ -319,6 +321,12 @@ def _privacy_and_schedule(r: RunRequest):
         private.set_steps_per_round(schedule.num_steps)
         private.check_budget(r.rounds)
     return private, aggregator or weighted_mean(), schedule
+
+
+def _entries(model: Model) -> int:
+    """How many values the model's trainable parameters (a client's update) hold."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0))[0])
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
 
 
 def _initial_model(model: Model, root, initial_params):
