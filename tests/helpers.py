@@ -43,3 +43,21 @@ def toy_clients(sizes, features=6, classes=3, seed=0):
 # generated files and mocked TFDS in tests/test_data_configs.py instead.
 EXTERNAL_DATA_CONFIGS = {"cifar10_dirichlet.py", "emnist_tff.py", "femnist_leaf.py",
                          "shakespeare_leaf.py", "cifar10_resnet50_transfer.py"}
+
+
+def full_batch_fedavg(w, clients, rounds, lr, steps, send=lambda cid, delta: delta):
+    """FedAvg with uniform weights in numpy: from w = [kernel, bias], every client of
+    `clients` (a list of (x, y)) takes `steps` full-batch SGD steps of `lr`; the server
+    subtracts the mean of what the clients send, send(i, delta_i flattened) (by default
+    the delta itself). Returns the final [kernel, bias]."""
+    w = [np.asarray(a, np.float64) for a in w]
+    for _ in range(rounds):
+        sent = []
+        for cid, (x, y) in enumerate(clients):
+            v = [a.copy() for a in w]
+            for _ in range(steps):
+                v = [vi - lr * g for vi, g in zip(v, logreg_grad(v[0], v[1], x, y))]
+            sent.append(send(cid, np.concatenate([(a - b).ravel() for a, b in zip(w, v)])))
+        mean = np.mean(sent, axis=0)
+        w = [w[0] - mean[:w[0].size].reshape(w[0].shape), w[1] - mean[w[0].size:]]
+    return w

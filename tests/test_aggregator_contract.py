@@ -14,7 +14,7 @@ from fedjax_sim.aggregators import ROUND_FAILED, Message, chain, part
 from fedjax_sim.data import FederatedData
 from fedjax_sim.models import logistic_regression
 
-from helpers import logreg_grad, toy_clients
+from helpers import full_batch_fedavg, toy_clients
 
 FEATURES, CLASSES, SIZES, LR, STEPS = 5, 3, [3, 6, 4, 8, 5, 7], 0.3, 2
 ENTRIES = FEATURES * CLASSES + CLASSES  # the logistic regression's kernel and bias
@@ -37,19 +37,10 @@ def _run(aggregator, rounds, **kw):
 def _numpy_rounds(data, model, rounds, send):
     """FedAvg (uniform weights, full-batch SGD) where client i sends send(i, delta_i)."""
     params, _ = model.init(jax.random.fold_in(jax.random.key(0), fs.simulation.INIT_STREAM))
-    w = [np.asarray(params["dense"][k], np.float64) for k in ("kernel", "bias")]
-    for _ in range(rounds):
-        sent = []
-        for cid in range(data.num_clients):
-            lo, hi = int(data.offsets[cid]), int(data.offsets[cid + 1])
-            x, y = data.features["x"][lo:hi], data.features["y"][lo:hi]
-            v = [a.copy() for a in w]
-            for _ in range(STEPS):
-                v = [vi - LR * g for vi, g in zip(v, logreg_grad(v[0], v[1], x, y))]
-            sent.append(send(cid, np.concatenate([(a - b).ravel() for a, b in zip(w, v)])))
-        mean = np.mean(sent, axis=0)
-        w = [w[0] - mean[:w[0].size].reshape(w[0].shape), w[1] - mean[w[0].size:]]
-    return w
+    w = [params["dense"][k] for k in ("kernel", "bias")]
+    clients = [(data.features["x"][lo:hi], data.features["y"][lo:hi])
+               for lo, hi in zip(data.offsets[:-1], data.offsets[1:])]
+    return full_batch_fedavg(w, clients, rounds, LR, STEPS, send)
 
 
 def _half_with_residual():

@@ -23,7 +23,7 @@ from fedjax_sim.engine.contracts import Cohort
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import logistic_regression
 
-from helpers import logreg_grad, toy_clients
+from helpers import full_batch_fedavg, toy_clients
 
 P = sa.FIELD_PRIME
 
@@ -311,18 +311,10 @@ def _toy_run(aggregator, rounds, **kw):
 def _numpy_fedavg(data, model, rounds):
     """FedAvg (uniform weights, every client, 2 full-batch steps of lr 0.3) in numpy."""
     params, _ = model.init(jax.random.fold_in(jax.random.key(0), fs.simulation.INIT_STREAM))
-    w = [np.asarray(params["dense"][k], np.float64) for k in ("kernel", "bias")]
-    for _ in range(rounds):
-        deltas = []
-        for cid in range(data.num_clients):
-            lo, hi = int(data.offsets[cid]), int(data.offsets[cid + 1])
-            v = [a.copy() for a in w]
-            for _ in range(2):
-                x, y = data.features["x"][lo:hi], data.features["y"][lo:hi]
-                v = [vi - 0.3 * g for vi, g in zip(v, logreg_grad(v[0], v[1], x, y))]
-            deltas.append([a - b for a, b in zip(w, v)])
-        w = [a - np.mean([d[i] for d in deltas], axis=0) for i, a in enumerate(w)]
-    return w
+    clients = [(data.features["x"][lo:hi], data.features["y"][lo:hi])
+               for lo, hi in zip(data.offsets[:-1], data.offsets[1:])]
+    return full_batch_fedavg([params["dense"][k] for k in ("kernel", "bias")], clients,
+                             rounds, 0.3, 2)
 
 
 def test_simulate_without_dropouts_is_fedavg_up_to_the_quantization():
