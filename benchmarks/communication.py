@@ -29,10 +29,12 @@ import warnings
 
 from fedjax_sim.cli.config import load_config
 from fedjax_sim.cli.experiment import run
+from fedjax_sim.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEDAVG = os.path.join(ROOT, "configs", "digits_fedavg.py")
 FLOAT_BYTES = 4
+DIGITS_MLP_PARAMS = 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # digits_fedavg.py's MLP
 
 
 def compressions(quick: bool) -> list[tuple[str, list]]:
@@ -61,12 +63,18 @@ def tradeoff(rounds: int, quick: bool) -> None:
     print("|---|---|---|---|")
     for name, parts in compressions(quick):
         aggregator = repr(dict(compression=parts)) if parts else None
-        result = run(_config(rounds, aggregator), None, progress=False)
-        row = result.history[-1]
-        sent = row["uplink_bytes_per_client"]
-        dense = result.summary["num_params"] * FLOAT_BYTES
-        print(f"| {name} | {sent:,.0f} | {dense / sent:.1f}x less | "
-              f"{result.summary['final']['test_accuracy']:.3f} |", flush=True)
+        rows = []  # the metrics so far, also of a run that diverges
+        try:
+            result = run(_config(rounds, aggregator), None, progress=False,
+                         callback=rows.append)
+            accuracy = f"{result.summary['final']['test_accuracy']:.3f}"
+        except UserError as e:  # e.g. 1-bit quantization's variance can make it diverge
+            if "diverged" not in str(e):
+                raise
+            accuracy = f"diverged at round {len(rows) + 1}"
+        sent = rows[-1]["uplink_bytes_per_client"]
+        dense = DIGITS_MLP_PARAMS * FLOAT_BYTES
+        print(f"| {name} | {sent:,.0f} | {dense / sent:.1f}x less | {accuracy} |", flush=True)
 
 
 def costs(rounds: int, repeats: int) -> None:

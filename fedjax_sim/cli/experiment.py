@@ -154,7 +154,7 @@ def _transfer(model, model_cfg, seed: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True,
-        allow_config_change: bool = False):
+        allow_config_change: bool = False, callback=None):
     """Builds and runs the experiment; writes config.json, metrics.jsonl, summary.json,
     params.npz and checkpoints into `workdir`, or resumes the run already there."""
     parts = build(config)
@@ -164,4 +164,4 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool =
         metadata["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}
     return simulate(**parts, workdir=workdir, progress=progress, metadata=metadata,
                     config=json.loads(json.dumps(config.to_dict(), default=str)),
-                    allow_config_change=allow_config_change)
+                    allow_config_change=allow_config_change, callback=callback)
