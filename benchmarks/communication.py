@@ -4,6 +4,7 @@ cost per round (configs/digits_fedavg.py: 100 clients, 10 per round, MLP 200-200
 
     python benchmarks/communication.py            # 200 rounds per run (~6 min, 2-core CPU)
     python benchmarks/communication.py --quick    # 20 rounds, fewer runs (a smoke run)
+    python benchmarks/communication.py --parts 3  # only the secure sum by cohort and size
 
 Part 1 trains the shipped FedAvg config with each compression of the client's update
 (`config.aggregator.compression`): none, stochastic 8/4/2/1-bit quantization with and
@@ -18,6 +19,9 @@ aggregation on the same run, each run for `--cost-rounds` rounds one round per c
 timed round-robin between the three over `--repeats` passes; it prints the median seconds
 per round and the ratio to plain aggregation. Encrypted aggregation runs on the host
 (TenSEAL), one client after another.
+
+Part 3 times the secure sum alone for cohorts of 10 to 100 clients and updates of 650
+and 53,000 entries: its cost grows as m²·d (every pair of clients masks every entry).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 import warnings
 
 from fedjax_sim.cli.config import load_config
@@ -99,18 +104,60 @@ def costs(rounds: int, repeats: int) -> None:
         print(f"| {name} | {median:.4f} | {median / plain:.1f}x |")
 
 
+def secure_sum_scaling(sizes: list[tuple[int, int]], repeats: int) -> None:
+    """The secure sum alone (the reducing part, 10% dropouts, b = 32) on random integer
+    updates of m clients x d entries, against the plain sum: median seconds of `repeats`
+    calls after the first (which compiles)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedjax_sim.aggregators import Cohort, secure_sum
+
+    part = secure_sum(32, dropout_rate=0.1)
+    print("\n| clients m | entries d | secure sum ms / round | plain sum ms | first call s |")
+    print("|---|---|---|---|---|")
+    for m, d in sizes:
+        updates = {"w": jax.random.randint(jax.random.key(0), (m, d), -1000, 1000, jnp.int32)}
+        cohort = Cohort(updates, jnp.ones(m), jnp.ones(m, bool))
+        secure = jax.jit(lambda c, k: part.reduce(c, (), k)[0])
+        plain = jax.jit(lambda c: jnp.sum(c.updates["w"], axis=0))
+        start = time.perf_counter()
+        jax.block_until_ready(secure(cohort, jax.random.key(1)))
+        first = time.perf_counter() - start
+        jax.block_until_ready(plain(cohort))
+        timed = {"secure": [], "plain": []}
+        for r in range(repeats):  # round-robin
+            for name, call in (("secure", lambda: secure(cohort, jax.random.key(2 + r))),
+                               ("plain", lambda: plain(cohort))):
+                start = time.perf_counter()
+                jax.block_until_ready(call())
+                timed[name].append(time.perf_counter() - start)
+        ms = {k: 1000 * statistics.median(v) for k, v in timed.items()}
+        print(f"| {m} | {d:,} | {ms['secure']:.1f} | {ms['plain']:.2f} | {first:.1f} |",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 rounds, fewer runs")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--cost-rounds", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3")
     args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
     rounds = args.rounds or (20 if args.quick else 200)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # failed secure rounds warn
-        tradeoff(rounds, args.quick)
-        costs(args.cost_rounds or (3 if args.quick else 10), args.repeats or (1 if args.quick else 3))
+        if 1 in parts:
+            tradeoff(rounds, args.quick)
+        if 2 in parts:
+            costs(args.cost_rounds or (3 if args.quick else 10),
+                  args.repeats or (1 if args.quick else 3))
+    sizes = [(10, 650), (10, 53_000)] + ([] if args.quick else [(50, 650), (50, 53_000),
+                                                               (100, 53_000)])
+    if 3 in parts:
+        secure_sum_scaling(sizes, args.repeats or (1 if args.quick else 3))
 
 
 if __name__ == "__main__":
