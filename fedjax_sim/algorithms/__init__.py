@@ -3,11 +3,15 @@
 The contract every algorithm implements (`Algorithm`, `ClientOutput`, `RoundSums`,
 `Problem`, `LocalSchedule`) is `fedjax_sim.engine.contracts`; the building blocks for
 writing one (`local_training`, `ServerOptimizer`, `server_step`, `proximal`) are
-`fedjax_sim.algorithms.blocks`. Both are exported here.
+`fedjax_sim.algorithms.blocks`. Both are exported here. Wrappers run any algorithm with
+one change: `LocalStatistics` (FedBN's local running statistics) and
+`compressed_broadcast` (clients receive the broadcast quantized; server -> client
+compression).
 """
 
 from fedjax_sim.algorithms.blocks import (ServerOptimizer, ServerState, add_sums, local_training,
                                           proximal, server_step)
+from fedjax_sim.algorithms.broadcast import CompressedBroadcast, compressed_broadcast
 from fedjax_sim.algorithms.fedavg import FedAvg, fedavg, fedprox
 from fedjax_sim.algorithms.fednova import FedNova, fednova
 from fedjax_sim.algorithms.local_stats import LocalStatistics
@@ -20,4 +24,4 @@ __all__ = ["Algorithm", "ClientOutput", "Problem", "RoundSums", "LocalSchedule",
            "WEIGHTINGS", "ServerOptimizer", "ServerState", "local_training", "proximal",
            "server_step", "add_sums", "FedAvg", "fedavg", "fedprox", "FedNova", "fednova",
            "Scaffold", "ScaffoldState", "scaffold", "FedPer", "fedper", "Ditto", "ditto",
-           "LocalStatistics"]
+           "LocalStatistics", "CompressedBroadcast", "compressed_broadcast"]

@@ -56,6 +56,9 @@ class LocalStatistics(Algorithm):
     def broadcast(self, server_state):
         return self.inner.broadcast(server_state)
 
+    def downlink(self, broadcast):
+        return self.inner.downlink(broadcast)
+
     def client_update(self, problem: Problem, broadcast, local, rng,
                       client_state=None) -> ClientOutput:
         if local.stats is None:

@@ -251,6 +251,17 @@ class Algorithm:
             return num_examples.astype(jnp.float32)
         return jnp.where(num_examples > 0, 1.0, 0.0).astype(jnp.float32)
 
+    def downlink(self, broadcast: PyTree) -> "Message":
+        """What the server sends each client of a round, as counted on the wire, given
+        `broadcast` as `broadcast()` returns it (shapes and dtypes only: it may be a tracer).
+        By default every array as it is: its entries at its dtype's width."""
+        sizes = [(math.prod(x.shape), 8 * jnp.dtype(x.dtype).itemsize)
+                 for x in jax.tree_util.tree_leaves(broadcast)]
+        widths = {width for _, width in sizes}
+        if len(widths) == 1:  # one dtype width (a float32 model): entries x that width
+            return Message(sum(n for n, _ in sizes), widths.pop())
+        return Message(0, 0, extra_bits=sum(n * width for n, width in sizes))
+
 
 # -- aggregators ------------------------------------------------------------------------
 class Cohort(NamedTuple):

@@ -568,12 +568,13 @@ class RoundProgram:
     def _wire_metrics(self, sent: dict, broadcast: PyTree, num_live: jax.Array) -> dict:
         """Bytes on the wire per client and in total this round: up, the update as the
         aggregator's parts encode it (`AggregatorPart.uplink`) plus what the algorithm sends
-        unencoded (float32 extras, averaged running statistics); down, the broadcast."""
+        unencoded (float32 extras, averaged running statistics); down, the broadcast as the
+        algorithm sends it (`Algorithm.downlink`)."""
         message = Message(sent["delta"], 32)
         if self.aggregator.uplink is not None:
             message = self.aggregator.uplink(message, self.clients_per_round)
         up = float(message.bytes + sent["extras"] + sent["stats"])
-        down = float(tree_bytes(broadcast))
+        down = float(self.algorithm.downlink(broadcast).bytes)
         return {"uplink_bytes_per_client": jnp.float32(up), "uplink_bytes": up * num_live,
                 "downlink_bytes_per_client": jnp.float32(down), "downlink_bytes": down * num_live}
 
