@@ -112,6 +112,7 @@ def test_a_failed_round_has_no_effect_and_warns():
     assert len(failed) == 2 and failed[0].startswith("round 2 failed")
 
 
+@pytest.mark.slow  # the hand count itself is checked by test_compression.py's byte tests
 def test_readme_compression_example_sends_what_a_hand_count_gives():
     from test_extending import readme_example
 
@@ -124,6 +125,7 @@ def test_readme_compression_example_sends_what_a_hand_count_gives():
     assert result.history[-1]["downlink_bytes_per_client"] == 4 * d
 
 
+@pytest.mark.slow
 def test_with_client_level_dp_the_users_parts_run_before_clipping():
     """DP clips what the user's parts would send: a part that multiplies every update by
     1000 makes every client clipped, and the logged norm is the multiplied one."""

@@ -151,7 +151,7 @@ def _np_rounds(data, model, rounds, bits, rotation, seed):
     return w
 
 
-@pytest.mark.parametrize("rotation", [None, "hadamard"])
+@pytest.mark.parametrize("rotation", [None, pytest.param("hadamard", marks=pytest.mark.slow)])
 def test_fedavg_with_a_compressed_broadcast_equals_numpy(rotation):
     data, model = _toy(), logistic_regression((FEATURES,), CLASSES)
     inner = fs.algorithms.fedavg(optax.sgd(LR), local_epochs=None, local_steps=STEPS,

@@ -34,6 +34,7 @@ def _steps(workdir):
     return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
+@pytest.mark.slow  # a minute of separate processes; resuming is checked in the default suite too
 def test_sigkill_at_a_random_round_then_resume_equals_uninterrupted_run(tmp_path):
     """The acceptance test: SIGKILL mid-run (possibly mid-save), re-run the same command,
     and the final parameters and metrics.jsonl are bitwise those of an uninterrupted run."""

@@ -313,6 +313,12 @@ BAD = [
     ("digits_distributed_dp", {"privacy.secure_aggregation": "{'modulus_bit': 32}"},
      "unknown config key 'privacy.secure_aggregation.modulus_bit'; did you mean "
      "'privacy.secure_aggregation.modulus_bits'?"),
+    ("digits_fedavg", {"broadcast.bits": "17"},
+     "config.broadcast: "),
+    ("digits_fedavg", {"broadcast.rotation": "'kashin'"},
+     "config.broadcast.bits is missing"),
+    ("digits_fedavg", {"broadcast": "{'bits': 8, 'rotation': 'kashin'}"},
+     "config.broadcast: "),
     ("digits_dp_sgd", {"privacy.sampling_rate": "0"},
      "config.privacy.sampling_rate must be a number > 0 and <= 1, got 0"),
     ("digits_dp_sgd", {"privacy.sampling_rate": "1.5"},

@@ -336,6 +336,7 @@ def test_simulate_without_dropouts_is_fedavg_up_to_the_quantization():
     assert row["uplink_bytes_per_client"] > 4 * ENTRIES  # more than the float32 update
 
 
+@pytest.mark.slow  # the engine's handling of failed rounds: test_aggregator_contract.py
 def test_simulate_rounds_without_enough_survivors_fail_and_warn():
     n, t = len(SIZES), 5
     secure = sa.secure_aggregation(100.0, cohort_size=n, dropout_rate=0.4, threshold=t)

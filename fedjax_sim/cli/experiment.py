@@ -37,10 +37,9 @@ from fedjax_sim import registry
 from fedjax_sim.models import get_model, get_task, load_pretrained, with_trainable
 from fedjax_sim.models.trainable import count_parameters
 from fedjax_sim.simulation import INIT_STREAM, simulate
-from fedjax_sim.cli.options import (aggregator_options, build_algorithm, build_optimizer,
-                                    checkpoint_options,
-                                    engine_options, finetune_options, preprocess_options,
-                                    privacy_options)
+from fedjax_sim.cli.options import (aggregator_options, broadcast_options, build_algorithm,
+                                    build_optimizer, checkpoint_options, engine_options,
+                                    finetune_options, preprocess_options, privacy_options)
 from fedjax_sim.cli.rules import get as _get
 from fedjax_sim.cli.validate import validate_config
 
@@ -117,7 +116,8 @@ def build(config: ml_collections.ConfigDict) -> dict:
 
     model = _transfer(model, model_cfg, seed)
 
-    return dict(model=model, algorithm=build_algorithm(config.algorithm), train_data=train,
+    algorithm = broadcast_options(config, build_algorithm(config.algorithm))
+    return dict(model=model, algorithm=algorithm, train_data=train,
                 task=task, checkpoint=checkpoint_options(config),
                 privacy=privacy_options(config), aggregator=aggregator_options(config),
                 eval_data=test, client_eval_data=client_test,

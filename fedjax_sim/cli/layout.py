@@ -19,12 +19,12 @@ from fedjax_sim.cli.rules import get, is_section
 
 __all__ = ["TOP_LEVEL_KEYS", "CHECKPOINT_DEFAULTS", "MODEL_KEYS", "PRETRAINED_KEYS",
            "OPTIMIZER_KEYS", "PREPROCESS_KEYS", "FINETUNE_KEYS", "ENGINE_KEYS", "DISTRIBUTED_KEYS", "PRIVACY_KEYS",
-           "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "SECURE_AGGREGATION_KEYS", "AGGREGATOR_KEYS", "FREE", "keys_at",
+           "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "SECURE_AGGREGATION_KEYS", "AGGREGATOR_KEYS", "BROADCAST_KEYS", "FREE", "keys_at",
            "algorithm_keys"]
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
                   "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess",
-                  "batch_norm", "feature_cache", "distributed", "aggregator")
+                  "batch_norm", "feature_cache", "distributed", "aggregator", "broadcast")
 # When a config has no `checkpoint` section (or leaves a key of it out).
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 MODEL_KEYS = ("name", "num_outputs", "args", "trainable", "pretrained")
@@ -48,6 +48,8 @@ PRIVACY_UNSET = {"sampling": "poisson"}
 ADAPTIVE_CLIPPING_KEYS = tuple(f.name for f in dataclasses.fields(AdaptiveClipping))
 # config.aggregator: compression parts (a list), secure or encrypted aggregation.
 AGGREGATOR_KEYS = ("compression", "secure", "encrypted")
+# config.broadcast: what every client receives, compressed (compressed_broadcast's arguments).
+BROADCAST_KEYS = ("bits", "rotation", "seed")
 # config.privacy.secure_aggregation: distributed DP (SecureAggregation's fields).
 SECURE_AGGREGATION_KEYS = tuple(f.name for f in dataclasses.fields(SecureAggregation))
 
@@ -66,6 +68,7 @@ _FIXED = {
     ("privacy", "adaptive_clipping"): ADAPTIVE_CLIPPING_KEYS,
     ("privacy", "secure_aggregation"): SECURE_AGGREGATION_KEYS,
     ("aggregator",): AGGREGATOR_KEYS,
+    ("broadcast",): BROADCAST_KEYS,
     ("aggregator", "secure"): FREE,
     ("aggregator", "encrypted"): FREE,
     ("finetune",): FINETUNE_KEYS,

@@ -18,14 +18,16 @@ from fedjax_sim.data import Preprocess
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import AdaptiveClipping, SecureAggregation
 from fedjax_sim.simulation import CheckpointOptions, DistributedOptions, EngineOptions, FineTune
-from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, AGGREGATOR_KEYS, CHECKPOINT_DEFAULTS,
+from fedjax_sim.algorithms import compressed_broadcast
+from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, AGGREGATOR_KEYS, BROADCAST_KEYS,
+                                   CHECKPOINT_DEFAULTS,
                                    PRIVACY_KEYS,
                                    PRIVACY_LEVEL_KEYS, PRIVACY_UNSET, SECURE_AGGREGATION_KEYS)
 from fedjax_sim.cli.rules import (as_dict, check_args, check_choice, check_keys, get, is_section,
                                   section, show)
 
 __all__ = ["build_optimizer", "build_algorithm", "privacy_options", "preprocess_options",
-           "aggregator_options",
+           "aggregator_options", "broadcast_options",
            "finetune_options", "checkpoint_options", "engine_options", "distributed_options"]
 
 
@@ -245,3 +247,18 @@ def _built(key: str, fn, args: dict):
         return fn(**args)
     except UserError as e:
         raise UserError(f"config.{key}: {e}") from None
+
+
+def broadcast_options(config, algorithm):
+    """`algorithm` wrapped by `config.broadcast` (bits, rotation, seed: what every client
+    receives is compressed, fedjax_sim.algorithms.compressed_broadcast), or as it is when
+    the section is absent or None."""
+    values = section(config, "broadcast", required=False)
+    if values is None:
+        return algorithm
+    values = as_dict(values)
+    check_keys(values, "broadcast", BROADCAST_KEYS)
+    if values.get("bits") is None:
+        raise UserError("config.broadcast.bits is missing: how many bits each broadcast value "
+                        "is quantized to (1..16), e.g. --config.broadcast.bits=8")
+    return _built("broadcast", lambda **kw: compressed_broadcast(algorithm, **kw), values)
