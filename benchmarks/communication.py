@@ -22,6 +22,9 @@ per round and the ratio to plain aggregation. Encrypted aggregation runs on the 
 
 Part 3 times the secure sum alone for cohorts of 10 to 100 clients and updates of 650
 and 53,000 entries: its cost grows as m²·d (every pair of clients masks every entry).
+
+Part 4 compresses the broadcast instead (`config.broadcast`: 8/4/2 bits, with and without
+the rotation) and prints the downlink bytes and the test accuracy.
 """
 
 from __future__ import annotations
@@ -104,6 +107,21 @@ def costs(rounds: int, repeats: int) -> None:
         print(f"| {name} | {median:.4f} | {median / plain:.1f}x |")
 
 
+def broadcast_tradeoff(rounds: int, quick: bool) -> None:
+    """Part 4: the broadcast compressed (config.broadcast), uplink uncompressed."""
+    print(f"\n| broadcast | downlink bytes / client / round | test accuracy ({rounds} rounds) |")
+    print("|---|---|---|")
+    rows = [("float32", {})]
+    for bits in ((8, 2) if quick else (8, 4, 2)):
+        rows.append((f"{bits}-bit", {"broadcast.bits": bits}))
+        rows.append((f"{bits}-bit, rotated", {"broadcast.bits": bits,
+                                             "broadcast.rotation": "'hadamard'"}))
+    for name, more in rows:
+        result = run(_config(rounds, None, **more), None, progress=False)
+        print(f"| {name} | {result.history[-1]['downlink_bytes_per_client']:,.0f} | "
+              f"{result.summary['final']['test_accuracy']:.3f} |", flush=True)
+
+
 def secure_sum_scaling(sizes: list[tuple[int, int]], repeats: int) -> None:
     """The secure sum alone (the reducing part, 10% dropouts, b = 32) on random integer
     updates of m clients x d entries, against the plain sum: median seconds of `repeats`
@@ -143,7 +161,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--cost-rounds", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 3")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
     rounds = args.rounds or (20 if args.quick else 200)
@@ -158,6 +176,8 @@ def main():
                                                                (100, 53_000)])
     if 3 in parts:
         secure_sum_scaling(sizes, args.repeats or (1 if args.quick else 3))
+    if 4 in parts:
+        broadcast_tradeoff(rounds, args.quick)
 
 
 if __name__ == "__main__":
