@@ -122,10 +122,11 @@ def check_meshes(out: dict, names: tuple[str, ...], meshes: tuple[int, ...]):
             assert_same_metrics(one["history"], run["history"])
 
 
+@pytest.mark.slow  # half a minute of 8-device compiles; with the other workloads below
 def test_mesh_of_8_devices_matches_one_device():
     """DP-FedAvg with Poisson sampling (cohorts of varying size, dealt out among 8
     devices with padding slots); and host-streamed data reaches each device as its own
-    clients' rows only. Every workload on 2 and 8 devices: the slow tier."""
+    clients' rows only. Every workload on 2 and 8 devices: also the slow tier."""
     out = run_on_devices("dp_poisson", "1,8")
     check_meshes(out, ("dp_poisson",), (8,))
     # slots 0..10 of a round (clients 5..15, then 16..26 with 24..26 padding) dealt to 8
