@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="resume the run in --workdir even though the config differs from "
                             "the one it was started with")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--tensorboard", nargs="?", const=True, default=False, metavar="DIR",
+                       help="also write TensorBoard event files: every metric of every round, "
+                            "the summary and hyperparameters (into WORKDIR/tensorboard, or DIR; "
+                            "needs pip install 'fedjax_sim[tracking]')")
     many = train.add_argument_group(
         "multi-process runs", "one process per host (or per accelerator); every process runs "
         "the same command. --distributed lets JAX detect SLURM, Open MPI or a TPU pod; "
@@ -82,7 +86,7 @@ def _train(args, overrides) -> int:
     config = load_config(args.config, overrides)
     _join_processes(args, config)
     result = run(config, args.workdir, progress=not args.no_progress,
-                 allow_config_change=args.allow_config_change)
+                 allow_config_change=args.allow_config_change, tensorboard=args.tensorboard)
     summary = result.summary
     shown = ("test_accuracy", "test_loss", "test_mse", "client_test_accuracy_mean",
              "client_test_accuracy_p10", "client_personal_accuracy_mean",
@@ -97,16 +101,19 @@ def _train(args, overrides) -> int:
         final = f"{final}, {shown}" if final else shown
     rounds = f"{summary['rounds']} rounds"
     if summary.get("stopped"):  # the privacy budget ran out first
-        rounds = f"{len(result.history)} of {rounds}"
+        rounds = f"{result.history[-1]['round']} of {rounds}"
     if summary.get("resumed_from_round") and "seconds_per_round" in summary:
         rounds = f"{rounds} (resumed from round {summary['resumed_from_round']})"
     print(f"done: {rounds}, {timing}; {final}")  # why it stopped early: a warning (stderr)
     if args.workdir:
         extra = ", client_metrics.json" if result.client_metrics is not None else ""
+        extra += ", tensorboard/" if args.tensorboard is True else ""
         print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz{extra}, "
               f"checkpoints/")
     else:
         print(json.dumps(summary["final"]))
+    if isinstance(args.tensorboard, str):
+        print(f"wrote TensorBoard events to {args.tensorboard}")
     return 0
 
 
