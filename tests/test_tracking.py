@@ -1,5 +1,5 @@
-"""Tracking: TensorBoard event files, the W&B and MLflow callbacks (offline) and the
-round-0 evaluation. What each tracker recorded is
+"""Tracking and plots: TensorBoard event files, the W&B and MLflow callbacks (offline),
+the round-0 evaluation, and the figures comparing runs. What each tracker recorded is
 read back with its own reader (TensorBoard's EventAccumulator, the W&B offline run file,
 MLflow's client) and compared with metrics.jsonl."""
 
@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
+from fedjax_sim.cli.main import main
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import logistic_regression
 from fedjax_sim.privacy import ClientLevelDP
@@ -264,3 +265,99 @@ def test_missing_tracker_packages_name_the_extra(monkeypatch):
         fs.tracking.wandb_callback()
     with pytest.raises(UserError, match=r"needs MLflow.*pip install 'fedjax_sim\[mlflow\]'"):
         fs.tracking.mlflow_callback("some-run")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _lines(fig):
+    ax = fig.axes[0]
+    return ax, [(line.get_label(), line.get_xdata(), line.get_ydata()) for line in ax.get_lines()]
+
+
+def test_plot_draws_each_runs_metric_by_round(runs):
+    root = runs["root"]
+    fig = fs.plot([root / "a", root / "b"], metric="test_accuracy")
+    ax, lines = _lines(fig)
+    assert ax.get_xlabel() == "round" and ax.get_ylabel() == "test accuracy (fraction)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    for (label, xs, ys), name in zip(lines, ["a", "b"]):
+        rows = [r for r in _rows(root / name) if "test_accuracy" in r]
+        assert label == name
+        np.testing.assert_array_equal(xs, [r["round"] for r in rows])
+        np.testing.assert_array_equal(ys, [r["test_accuracy"] for r in rows])
+    assert list(lines[0][1]) == [0, 4, 8] and list(lines[1][1]) == [4, 8]
+
+
+def test_plot_by_uplink_bytes_and_training_time(runs):
+    root = runs["root"]
+    fig = fs.plot({"A": runs["a"], "B": root / "b"}, metric="train_loss", x="uplink_bytes")
+    ax, lines = _lines(fig)
+    assert ax.get_xlabel() == "uplink traffic, cumulative (kB)" and ax.get_ylabel() == "train loss"
+    sent = np.cumsum([r.get("uplink_bytes", 0) for r in _rows(root / "b")]) / 1e3
+    np.testing.assert_allclose(lines[1][1], sent, rtol=1e-12)
+    assert lines[0][0] == "A" and lines[0][1][0] == lines[0][1][1] / 2  # equal rounds
+    fig = fs.plot([runs["a"], runs["b"]], x="seconds")
+    ax, lines = _lines(fig)
+    assert ax.get_xlabel().startswith("training time (s")
+    assert [label for label, _, _ in lines] == ["run 1", "run 2"]
+    per_round = json.loads((root / "b" / "summary.json").read_text())["seconds_per_round"]
+    np.testing.assert_allclose(lines[1][1], [4 * per_round, 8 * per_round])
+
+
+def test_plot_epsilon_of_a_private_run(runs):
+    ax, [(label, xs, ys)] = _lines(fs.plot(runs["root"] / "dp", metric="epsilon"))
+    rows = _rows(runs["root"] / "dp")
+    assert ax.get_ylabel() == "privacy loss ε (δ = 0.001)"
+    np.testing.assert_array_equal(xs, range(9))
+    np.testing.assert_array_equal(ys, [r["epsilon"] for r in rows])
+    assert all(np.diff(ys) > 0)
+    with pytest.raises(UserError, match="run 'b' logged no epsilon: it is not a private run"):
+        fs.plot([runs["root"] / "dp", runs["root"] / "b"], metric="epsilon")
+
+
+def test_plot_clients_draws_an_ecdf_per_run(runs):
+    root = runs["root"]
+    fig = fs.plot([root / "a", runs["b"]], metric="client_test_accuracy", labels=["a", "b"])
+    ax, lines = _lines(fig)
+    assert ax.get_xlabel() == "test accuracy (fraction), per client"
+    assert ax.get_ylabel() == "fraction of clients ≤ x"
+    clients = json.loads((root / "a" / "client_metrics.json").read_text())["test"]
+    values = np.sort(np.asarray(clients["accuracy"])[np.asarray(clients["count"]) > 0])
+    label, xs, ys = lines[0]
+    np.testing.assert_allclose(xs[1:], values)
+    np.testing.assert_allclose(ys[1:], np.arange(1, len(values) + 1) / len(values))
+    assert label.startswith(f"a (mean {values.mean():.3g}, p10 {np.percentile(values, 10):.3g}, "
+                            f"{len(values)} clients")
+    with pytest.raises(UserError, match="not by seconds"):
+        fs.plot(root / "a", metric="client_test_accuracy", x="seconds")
+
+
+def test_plot_errors(runs, tmp_path):
+    with pytest.raises(UserError, match="is not a run directory"):
+        fs.plot(tmp_path)
+    with pytest.raises(UserError, match="logged no test_f1; it logged: .*test_accuracy"):
+        fs.plot(runs["a"], metric="test_f1")
+    with pytest.raises(UserError, match="x must be one of round, seconds, uplink_bytes"):
+        fs.plot(runs["a"], x="minutes")
+    with pytest.raises(UserError, match="directory .* does not exist"):
+        fs.plot(runs["a"], out=str(tmp_path / "no" / "fig.png"))
+
+
+def test_plot_without_matplotlib_names_the_extra(runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(UserError, match=r"needs matplotlib.*pip install 'fedjax_sim\[plot\]'"):
+        fs.plot(runs["a"])
+
+
+def test_cli_plot_writes_a_png(runs, tmp_path, capsys):
+    from PIL import Image
+
+    root, out = runs["root"], tmp_path / "fig.png"
+    assert main(["plot", str(root / "a"), str(root / "b"), "--metric", "test_loss",
+                 "--x", "uplink_bytes", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 400
+    assert main(["plot", str(root / "a"), "--metric", "epsilon", "--out", str(out)]) == 2
+    assert "error: run 'a' logged no epsilon" in capsys.readouterr().err

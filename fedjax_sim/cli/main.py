@@ -5,9 +5,11 @@
                        --rounds T --delta D [--population N] [--accountant rdp|pld] [--json]
     fedjax-sim data describe --config configs/digits_fedavg.py [--config.KEY=VALUE ...]
                              [--png PATH | --no-png] [--sort dominant|size] [--json]
+    fedjax-sim plot runs/a runs/b ... [--metric test_accuracy] [--x round|seconds|uplink_bytes]
+                    [--out fig.png]
 
 Re-running the same command on the same --workdir resumes from the last checkpoint there.
-`privacy` is `cli/privacy.py`, `data describe` is `cli/describe.py`.
+`privacy` is `cli/privacy.py`, `data describe` is `cli/describe.py`, `plot` is `cli/plot.py`.
 
 User mistakes print one line (`error: ...`) and exit with status 2; `--debug` shows the
 full traceback instead.
@@ -21,6 +23,7 @@ import sys
 import warnings
 
 from fedjax_sim.cli.describe import add_describe_parser, run_describe
+from fedjax_sim.cli.plot import add_plot_parser, run_plot
 from fedjax_sim.cli.privacy import add_privacy_parser, run_privacy
 from fedjax_sim.errors import UserError
 
@@ -76,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect the federated data a config builds")
     data_sub = data.add_subparsers(dest="data_command", metavar="{describe}", required=True)
     add_describe_parser(data_sub)
+    add_plot_parser(sub)
     return parser
 
 
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_privacy(args)
             if args.command == "data" and args.data_command == "describe":
                 return run_describe(args, overrides)
+            if args.command == "plot":
+                return run_plot(args)
         except UserError as e:
             if debug:
                 raise
