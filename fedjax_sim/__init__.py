@@ -13,8 +13,10 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
                                    Result, initialize_distributed, simulate)
 from fedjax_sim.simulation.checkpoint import load_params
+from fedjax_sim.simulation.plots import plot
+from fedjax_sim import tracking
 
 __version__ = "0.1.0"
 __all__ = ["simulate", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
            "algorithms", "aggregators", "engine", "privacy", "DistributedOptions",
-           "initialize_distributed"]
+           "initialize_distributed", "plot", "tracking"]

@@ -29,9 +29,9 @@ def test_train_writes_config_metrics_and_summary(tmp_path, capsys):
     workdir = tmp_path / "run"
     code, out, err = _run(capsys, "train", "--config", f"{CONFIGS}/digits_fedavg.py",
                           "--config.rounds=6", "--config.eval_every=3", "--workdir", str(workdir),
-                          "--no-progress")
+                          "--no-progress", "--tensorboard")
     assert code == 0, err
-    assert "done: 6 rounds" in out
+    assert "done: 6 rounds" in out and "tensorboard/" in out
     config = json.loads((workdir / "config.json").read_text())
     assert config["rounds"] == 6 and config["algorithm"]["batch_size"] == 10
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -45,6 +45,19 @@ def test_train_writes_config_metrics_and_summary(tmp_path, capsys):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final"]["test_accuracy"] == evals[-1]["test_accuracy"]
     assert summary["data"]["num_clients"] == 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    assert logged == [(r["round"], pytest.approx(r["test_accuracy"], rel=1e-7)) for r in evals]
+
+
+def test_train_tensorboard_needs_a_workdir_or_a_directory(capsys):
+    code, _, err = _run(capsys, "train", "--config", f"{CONFIGS}/digits_fedavg.py",
+                        "--tensorboard", "--no-progress")
+    assert code == 2
+    assert err.startswith("error: tensorboard=True writes into the run's workdir, and no workdir")
 
 
 # Long end-to-end runs (200 and 150 rounds): the slow tier, which also checks these configs'

@@ -1,6 +1,6 @@
 """One run over two processes (jax.distributed on localhost, one CPU device each) writes
-the metrics.jsonl a single process writes with the same two devices, once, and resumes
-across processes from the checkpoint process 0 saved."""
+the metrics.jsonl (and TensorBoard events) a single process writes with the same two
+devices, once, and resumes across processes from the checkpoint process 0 saved."""
 
 import json
 import os
@@ -40,11 +40,11 @@ def train(workdir, rounds, extra=()):
             "--workdir", str(workdir), f"--config.rounds={rounds}", *OVERRIDES, *extra]
 
 
-def run_processes(workdir, rounds: int):
+def run_processes(workdir, rounds: int, extra=()):
     port = free_port()
     procs = [subprocess.Popen(
         train(workdir, rounds, ["--coordinator", f"localhost:{port}", "--num-processes", "2",
-                                "--process-id", str(i)]),
+                                "--process-id", str(i), *extra]),
         env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -65,8 +65,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
-    run_processes(two, 2)          # rounds 1-2, checkpoint at round 2
-    outs = run_processes(two, 4)   # resumes at round 2 in both processes
+    run_processes(two, 2, ["--tensorboard"])         # rounds 1-2, checkpoint at round 2
+    outs = run_processes(two, 4, ["--tensorboard"])  # resumes at round 2 in both processes
     assert "resum" in outs[0][0] + outs[0][1]
     expected, got = rows(one), rows(two)
     assert [r["round"] for r in got] == [1, 2, 3, 4]  # written once, by process 0
@@ -76,6 +76,15 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=key)
     summary = json.load(open(two / "summary.json"))
     assert summary["engine"]["mesh"] == {"devices": 2, "processes": 2, "platform": "cpu"}
+    # TensorBoard: written by process 0 alone (one event file per start, one per summary),
+    # each round once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len([f for f in os.listdir(two / "tensorboard") if f.startswith("events")]) == 4
+    events = EventAccumulator(str(two / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
+        (r["round"], pytest.approx(r["train_loss"], rel=1e-7)) for r in got]
 
 
 def test_distributed_options_need_all_three_or_none():

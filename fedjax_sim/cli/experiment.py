@@ -2,7 +2,8 @@
 
 Config layout (see configs/*.py; the README lists every key):
 
-    seed, rounds, clients_per_round, eval_every, task, batch_norm, feature_cache
+    seed, rounds, clients_per_round, eval_every, task, batch_norm, feature_cache,
+    evaluate_initial (also evaluate the initial model, logged as round 0)
     data:      source (a key of fedjax_sim.registry.DATA_SOURCES) and the keys its loader
                reads: num_clients, partition, partition_args, client_test_fraction for
                the partitioned sources; heldout_clients, seed for all
@@ -126,7 +127,8 @@ def build(config: ml_collections.ConfigDict) -> dict:
                 rounds=config.rounds, clients_per_round=config.clients_per_round,
                 eval_every=config.eval_every, seed=seed, engine=engine_options(config),
                 batch_norm=_get(config, "batch_norm", "auto"),
-                feature_cache=_get(config, "feature_cache", "auto"), info=info)
+                feature_cache=_get(config, "feature_cache", "auto"),
+                evaluate_initial=bool(_get(config, "evaluate_initial", False)), info=info)
 
 
 def _transfer(model, model_cfg, seed: int):
@@ -154,9 +156,10 @@ def _transfer(model, model_cfg, seed: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool = True,
-        allow_config_change: bool = False, callback=None):
+        allow_config_change: bool = False, callback=None, tensorboard: bool | str = False):
     """Builds and runs the experiment; writes config.json, metrics.jsonl, summary.json,
-    params.npz and checkpoints into `workdir`, or resumes the run already there."""
+    params.npz and checkpoints into `workdir` (with `tensorboard`, TensorBoard event files
+    too), or resumes the run already there."""
     parts = build(config)
     info = parts.pop("info")
     metadata = {}
@@ -164,4 +167,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, progress: bool =
         metadata["target_stats"] = {k: float(v) for k, v in info["target_stats"].items()}
     return simulate(**parts, workdir=workdir, progress=progress, metadata=metadata,
                     config=json.loads(json.dumps(config.to_dict(), default=str)),
-                    allow_config_change=allow_config_change, callback=callback)
+                    allow_config_change=allow_config_change, callback=callback,
+                    tensorboard=tensorboard)

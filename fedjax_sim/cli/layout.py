@@ -24,7 +24,8 @@ __all__ = ["TOP_LEVEL_KEYS", "CHECKPOINT_DEFAULTS", "MODEL_KEYS", "PRETRAINED_KE
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
                   "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess",
-                  "batch_norm", "feature_cache", "distributed", "aggregator", "broadcast")
+                  "batch_norm", "feature_cache", "distributed", "aggregator", "broadcast",
+                  "evaluate_initial")
 # When a config has no `checkpoint` section (or leaves a key of it out).
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 MODEL_KEYS = ("name", "num_outputs", "args", "trainable", "pretrained")

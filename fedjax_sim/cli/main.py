@@ -5,9 +5,11 @@
                        --rounds T --delta D [--population N] [--accountant rdp|pld] [--json]
     fedjax-sim data describe --config configs/digits_fedavg.py [--config.KEY=VALUE ...]
                              [--png PATH | --no-png] [--sort dominant|size] [--json]
+    fedjax-sim plot runs/a runs/b ... [--metric test_accuracy] [--x round|seconds|uplink_bytes]
+                    [--out fig.png]
 
 Re-running the same command on the same --workdir resumes from the last checkpoint there.
-`privacy` is `cli/privacy.py`, `data describe` is `cli/describe.py`.
+`privacy` is `cli/privacy.py`, `data describe` is `cli/describe.py`, `plot` is `cli/plot.py`.
 
 User mistakes print one line (`error: ...`) and exit with status 2; `--debug` shows the
 full traceback instead.
@@ -21,6 +23,7 @@ import sys
 import warnings
 
 from fedjax_sim.cli.describe import add_describe_parser, run_describe
+from fedjax_sim.cli.plot import add_plot_parser, run_plot
 from fedjax_sim.cli.privacy import add_privacy_parser, run_privacy
 from fedjax_sim.errors import UserError
 
@@ -57,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="resume the run in --workdir even though the config differs from "
                             "the one it was started with")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--tensorboard", nargs="?", const=True, default=False, metavar="DIR",
+                       help="also write TensorBoard event files: every metric of every round, "
+                            "the summary and hyperparameters (into WORKDIR/tensorboard, or DIR; "
+                            "needs pip install 'fedjax_sim[tracking]')")
     many = train.add_argument_group(
         "multi-process runs", "one process per host (or per accelerator); every process runs "
         "the same command. --distributed lets JAX detect SLURM, Open MPI or a TPU pod; "
@@ -72,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect the federated data a config builds")
     data_sub = data.add_subparsers(dest="data_command", metavar="{describe}", required=True)
     add_describe_parser(data_sub)
+    add_plot_parser(sub)
     return parser
 
 
@@ -82,7 +90,7 @@ def _train(args, overrides) -> int:
     config = load_config(args.config, overrides)
     _join_processes(args, config)
     result = run(config, args.workdir, progress=not args.no_progress,
-                 allow_config_change=args.allow_config_change)
+                 allow_config_change=args.allow_config_change, tensorboard=args.tensorboard)
     summary = result.summary
     shown = ("test_accuracy", "test_loss", "test_mse", "client_test_accuracy_mean",
              "client_test_accuracy_p10", "client_personal_accuracy_mean",
@@ -97,16 +105,19 @@ def _train(args, overrides) -> int:
         final = f"{final}, {shown}" if final else shown
     rounds = f"{summary['rounds']} rounds"
     if summary.get("stopped"):  # the privacy budget ran out first
-        rounds = f"{len(result.history)} of {rounds}"
+        rounds = f"{result.history[-1]['round']} of {rounds}"
     if summary.get("resumed_from_round") and "seconds_per_round" in summary:
         rounds = f"{rounds} (resumed from round {summary['resumed_from_round']})"
     print(f"done: {rounds}, {timing}; {final}")  # why it stopped early: a warning (stderr)
     if args.workdir:
         extra = ", client_metrics.json" if result.client_metrics is not None else ""
+        extra += ", tensorboard/" if args.tensorboard is True else ""
         print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json, params.npz{extra}, "
               f"checkpoints/")
     else:
         print(json.dumps(summary["final"]))
+    if isinstance(args.tensorboard, str):
+        print(f"wrote TensorBoard events to {args.tensorboard}")
     return 0
 
 
@@ -145,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_privacy(args)
             if args.command == "data" and args.data_command == "describe":
                 return run_describe(args, overrides)
+            if args.command == "plot":
+                return run_plot(args)
         except UserError as e:
             if debug:
                 raise

@@ -46,7 +46,7 @@ from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, distrib
                                     engine_options,
                                     finetune_options, preprocess_options, privacy_options,
                                     aggregator_options, broadcast_options)
-from fedjax_sim.cli.rules import (ALGORITHM_RULES, ARG_RULES, DATA_RULES, FRACTION,
+from fedjax_sim.cli.rules import (ALGORITHM_RULES, ARG_RULES, BOOL, DATA_RULES, FRACTION,
                                   LAYER_SIZES, PATHS, POSITIVE_INT, Rule, check, check_args,
                                   check_choice, check_keys, free_args, get, int_at_least,
                                   is_int, is_section, number_above, one_of, or_none, section,
@@ -119,6 +119,7 @@ def _check_top_level(config) -> None:
                  "a known task")
     check(get(config, "batch_norm", "auto"), "batch_norm", one_of(BATCH_NORM_MODES))
     check(get(config, "feature_cache", "auto"), "feature_cache", _FEATURE_CACHE)
+    check(get(config, "evaluate_initial", False), "evaluate_initial", BOOL)
 
 
 def _check_data(config) -> int | None:

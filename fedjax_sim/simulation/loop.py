@@ -7,7 +7,7 @@ evaluation, resume (checkpoints), rundir (files), progress, feature_cache, priva
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from fedjax_sim.aggregators import AggregatorPart
 from fedjax_sim.algorithms import Algorithm
@@ -27,6 +27,7 @@ from fedjax_sim.simulation.results import Result, run_summary
 from fedjax_sim.simulation.resume import Saver, finished_result
 from fedjax_sim.simulation.rundir import CLIENT_METRICS, CONFIG, SUMMARY, MetricsLog, RunDirectory
 from fedjax_sim.simulation.setup import RunRequest, plan_run
+from fedjax_sim.simulation.tracking import open_tensorboard, tensorboard_dir
 
 
 def simulate(
@@ -39,7 +40,8 @@ def simulate(
     feature_cache: bool | str = "auto", input_key: str = "x", initial_params=None,
     workdir: str | None = None, checkpoint: CheckpointOptions = CheckpointOptions(),
     config: dict | None = None, allow_config_change: bool = False, progress: bool = True,
-    callback: Callable[[dict], None] | None = None, metadata: dict | None = None,
+    callback: Callable[[dict], None] | Sequence[Callable[[dict], None]] | None = None,
+    metadata: dict | None = None, evaluate_initial: bool = False, tensorboard: bool | str = False,
 ) -> Result:
     """Trains `model` with `algorithm` over `train_data`'s clients for `rounds` rounds of
     `clients_per_round` clients; returns the final model and its history (`Result`).
@@ -48,11 +50,14 @@ def simulate(
     evaluate (`eval_data`, `client_eval_data`, `heldout_data`, `finetune`, `eval_every`),
     how to aggregate (`aggregator`, `privacy`), how to execute (`engine`, `preprocess`,
     `batch_norm`, `feature_cache`), where to start (`seed`, `initial_params`) and where to
-    write and resume (`workdir`, `checkpoint`, `config`, `allow_config_change`).
+    write and resume (`workdir`, `checkpoint`, `config`, `allow_config_change`), what to
+    report (`callback`, `evaluate_initial`, `tensorboard`).
     Ctrl-C stops between two calls, saves a checkpoint (with a `workdir`) and raises
     `fedjax_sim.errors.Interrupted`, whose message says how to resume.
     """
-    plan = plan_run(RunRequest(**locals()))
+    request = RunRequest(**locals())
+    callbacks, logdir = _callbacks(callback), tensorboard_dir(tensorboard, workdir)
+    plan = plan_run(request)
     files = RunDirectory(workdir, writer=processes.is_primary()) if workdir else None
     saver = Saver(files, checkpoint, plan.root, plan.run_config) \
         if files and checkpoint.enabled else None
@@ -74,11 +79,14 @@ def simulate(
         return finished_result(plan, files, state, model_state, history, done, progress)
 
     calls = RoundCalls(plan, state, saver.every if saver else None)
-    log = MetricsLog(history, files, callback)
+    board = open_tensorboard(logdir, done)
+    log = MetricsLog(history, files, [c for c in (board, *callbacks) if c is not None])
     bar = ProgressBar(rounds, progress, initial=done)
     start_round, client_metrics = done, None
     try:
         with deferred_interrupt() as interrupt:
+            if evaluate_initial and done == 0:  # round 0: the initial model
+                log.log([_initial_row(plan, state, model_state)])
             while done < end and not interrupt.requested:
                 count, last = calls.next_count(done, end)
                 if count == 0:  # the example-level privacy budget allows no more rounds
@@ -93,10 +101,7 @@ def simulate(
                                     f"{saver.last_good() if saver else ''}")
                 done += count
                 if done % eval_every == 0 or last:
-                    evaluated, client_metrics = plan.evaluators(*processes.local((
-                        plan.algorithm.params(state.server),
-                        plan.current_model_state(model_state, state),
-                        plan.program.algorithm_states(state.clients))))
+                    evaluated, client_metrics = _evaluate(plan, state, model_state)
                     rows[-1].update(evaluated)
                 log.log(rows)
                 warn_failed_rounds(rows)
@@ -109,6 +114,8 @@ def simulate(
         bar.close()
         calls.close()
         log.close()
+        if board is not None:
+            board.close()
         if saver is not None:
             saver.close()
 
@@ -123,8 +130,38 @@ def simulate(
         files.export_params(params)
         if client_metrics is not None:
             files.write_json(CLIENT_METRICS, client_metrics)
+    if board is not None:
+        board.finish(summary, plan.run_config, done)
     return Result(params, plan.current_model_state(model_state, state), state.server, history,
                   summary, plan.program.algorithm_states(state.clients), client_metrics)
+
+
+def _callbacks(callback) -> list:
+    """`simulate`'s `callback` as a list of callables."""
+    if callback is None:
+        return []
+    callbacks = list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    for c in callbacks:
+        if not callable(c):
+            raise UserError(f"callback must be a function of a metrics row (or a list of them), "
+                            f"got {c!r}")
+    return callbacks
+
+
+def _evaluate(plan, state, model_state):
+    """(metrics of the current global model, per-client metrics or None)."""
+    return plan.evaluators(*processes.local((
+        plan.algorithm.params(state.server), plan.current_model_state(model_state, state),
+        plan.program.algorithm_states(state.clients))))
+
+
+def _initial_row(plan, state, model_state) -> dict:
+    """Round 0 of `evaluate_initial`: the initial model's evaluation (and ε = 0 under
+    differential privacy: nothing was released yet)."""
+    row = {"round": 0, **_evaluate(plan, state, model_state)[0]}
+    if plan.private:
+        row["epsilon"] = 0.0
+    return row
 
 
 def _interrupted(done: int, saver: Saver | None, workdir: str | None) -> str:

@@ -159,7 +159,7 @@ def run_summary(plan, calls, history: list[dict], start_round: int, done: int,
     metrics, the round it resumed from and the privacy ledger."""
     r, data = plan.request, plan.train_data
     summary = {"rounds": r.rounds, "final": final_metrics(history[-1]),
-               "train_loss": history[-1]["train_loss"]}
+               "train_loss": history[-1].get("train_loss")}  # none after round 0 alone
     if calls is not None:
         summary.update(seconds_per_round=calls.train_seconds / max(done - start_round, 1),
                        compile_seconds=calls.compile_seconds)

@@ -96,8 +96,9 @@ class Saver:
             raise UserError(f"the checkpoint in {directory} is at round {done}, past rounds={rounds}; "
                             f"set rounds >= {done} or use a fresh --workdir")
         history = list(meta["history"])
-        if len(history) != done:
-            raise UserError(f"the checkpoint at round {done} in {directory} holds {len(history)} "
+        trained = sum(1 for row in history if row["round"] > 0)  # round 0: evaluate_initial
+        if trained != done:
+            raise UserError(f"the checkpoint at round {done} in {directory} holds {trained} "
                             f"metrics rows; it is damaged, delete it to use the previous one")
         return done, history
 
@@ -122,12 +123,14 @@ def finished_result(plan, files: RunDirectory, state, model_state, history, done
 
 
 # Settings a run may resume with changed: where and on how many devices or processes it
-# runs, how many rounds one call fuses, where states and data live. The numbers do not
+# runs, how many rounds one call fuses, where states and data live, whether the initial
+# model was evaluated (round 0 is evaluated only by a run that starts at round 0). The numbers do not
 # depend on them (up to the order of float additions across devices).
 PLACEMENT_KEYS = ("engine.mesh", "engine.rounds_per_call", "engine.client_states",
                   "engine.data_placement", "engine.device_data_budget")
 
 
 def _may_change_on_resume(key: str) -> bool:
-    return (key == "rounds" or key.startswith(("checkpoint.", "distributed."))
+    return (key in ("rounds", "evaluate_initial")
+            or key.startswith(("checkpoint.", "distributed."))
             or key in PLACEMENT_KEYS)

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -90,14 +90,15 @@ class RunDirectory:
 
 
 class MetricsLog:
-    """Appends rows to the in-memory history, to `metrics.jsonl` and to a callback.
+    """Appends rows to the in-memory history, to `metrics.jsonl` and to callbacks (each
+    called with every row, in order).
 
     The file restarts from `history` (what a checkpoint recorded: rows logged after it are
     redone by the resumed run)."""
 
     def __init__(self, history: list[dict], files: RunDirectory | None,
-                 callback: Callable[[dict], None] | None):
-        self.history, self._callback = history, callback
+                 callbacks: Sequence[Callable[[dict], None]] = ()):
+        self.history, self._callbacks = history, list(callbacks)
         self._writer = None
         if files is not None and files.writer:
             files.rewrite_metrics(history)
@@ -108,8 +109,8 @@ class MetricsLog:
             self.history.append(row)
             if self._writer:
                 self._writer.write(metrics_line(row))
-            if self._callback:
-                self._callback(row)
+            for callback in self._callbacks:
+                callback(row)
         if self._writer:
             self._writer.flush()
 

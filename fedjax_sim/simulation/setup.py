@@ -114,9 +114,20 @@ class RunRequest:
     allow_config_change: resume even if `config` differs from the checkpoint's (`rounds` and
       the checkpoint cadence may always change).
     progress: show a progress bar and resume messages.
-    callback: called with each round's metrics dict (after it is logged).
+    callback: called with each round's metrics dict (after it is logged), or a list of such
+      functions, called in order (e.g. `fedjax_sim.tracking.wandb_callback(run)`,
+      `mlflow_callback()`).
     metadata: extra JSON-serialisable facts about the run, recorded in the summary's `data`
       entry (e.g. how targets were standardised).
+    evaluate_initial: also evaluate the initial model before the first round and log it as
+      a row with `round` 0 (its evaluation metrics only; ε = 0 under differential
+      privacy) in the history, metrics.jsonl, callbacks and TensorBoard. Nothing else
+      changes: every round's numbers are those of a run without it. A run resumed from a
+      checkpoint keeps the rows the checkpoint holds (with or without round 0).
+    tensorboard: write every round's metrics as TensorBoard scalars (step = round), and
+      the summary and hyperparameters at the end (`fedjax_sim.simulation.tracking`): True
+      for `<workdir>/tensorboard`, or a directory path. Needs tensorboardX (the `tracking`
+      extra); only process 0 of a multi-process run writes.
     """
 
     model: Model
@@ -145,8 +156,10 @@ class RunRequest:
     config: dict | None = None
     allow_config_change: bool = False
     progress: bool = True
-    callback: Callable[[dict], None] | None = None
+    callback: Any = None
     metadata: dict | None = None
+    evaluate_initial: bool = False
+    tensorboard: bool | str = False
 
 
 @dataclasses.dataclass
@@ -276,6 +289,7 @@ def plan_run(request: RunRequest) -> RunPlan:
     if data is not None and mesh is not None:
         data = put_on_mesh(data, jax.tree_util.tree_map(lambda _: replicated(mesh), data))
     evaluators = _evaluators(r, model, task, algorithm, datasets, preprocess, root, data, streamer)
+    _check_evaluate_initial(r.evaluate_initial, evaluators)
     one_client = program.one_client_state(params)
     client_states = None if one_client is None else resolve_placement(
         r.engine.client_states, one_client, train_data.num_clients, backend)
@@ -393,6 +407,15 @@ def _evaluators(r: RunRequest, model, task, algorithm, datasets, preprocess, roo
             finetune=r.finetune if tune_on is not None else None, train_data=tune_on,
             root=jax.random.fold_in(root, HELDOUT_STREAM), **common)
     return Evaluators(central, per_client, heldout)
+
+
+def _check_evaluate_initial(evaluate_initial, evaluators: Evaluators) -> None:
+    if not isinstance(evaluate_initial, bool):
+        raise UserError(f"evaluate_initial must be True or False, got {evaluate_initial!r}")
+    if evaluate_initial and all(e is None for e in evaluators):
+        raise UserError("evaluate_initial=True evaluates the initial model, but this run has "
+                        "nothing to evaluate it on; pass eval_data, client_eval_data or "
+                        "heldout_data")
 
 
 def batch_norm_mode(batch_norm: str, model: Model, privacy) -> str | None:
