@@ -8,7 +8,11 @@
                          rounds=100, clients_per_round=10, eval_data=test)
 """
 
-from fedjax_sim import aggregators, algorithms, data, engine, models, privacy
+from fedjax_sim.engine.compilation_cache import compilation_cache, configure_default
+
+configure_default()  # JAX's persistent compilation cache (engine/compilation_cache.py)
+
+from fedjax_sim import aggregators, algorithms, data, engine, models, privacy  # noqa: E402
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
                                    Result, initialize_distributed, simulate)
@@ -17,6 +21,6 @@ from fedjax_sim.simulation.plots import plot
 from fedjax_sim import tracking
 
 __version__ = "0.1.0"
-__all__ = ["simulate", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
+__all__ = ["compilation_cache", "simulate", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
            "algorithms", "aggregators", "engine", "privacy", "DistributedOptions",
            "initialize_distributed", "plot", "tracking"]
