@@ -46,6 +46,15 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def make_directory(path: str, what: str) -> None:
+    """Creates `path` (and its parents); a one-line UserError naming `what` where it cannot."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {what} {path} ({e.strerror}); choose a writable "
+                        f"path") from None
+
+
 class RunDirectory:
     """The files of one run in `workdir` (created if needed).
 
@@ -56,11 +65,7 @@ class RunDirectory:
         self.writer = writer
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise UserError(f"workdir {workdir} exists and is not a directory; choose another path")
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create workdir {workdir} ({e.strerror}); choose a writable "
-                            f"path") from None
+        make_directory(workdir, "workdir")
         self.workdir = workdir
         self.checkpoints = os.path.join(workdir, "checkpoints")
 

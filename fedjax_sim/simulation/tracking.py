@@ -19,6 +19,7 @@ from typing import Callable
 
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import processes
+from fedjax_sim.simulation.rundir import make_directory
 
 TENSORBOARD_DIR = "tensorboard"  # under the workdir, for simulate(..., tensorboard=True)
 HPARAMS_RUN = "hparams"  # the sub-run of the TensorBoard directory holding the hparams
@@ -76,11 +77,7 @@ class TensorBoardLog:
         from tensorboardX import SummaryWriter
 
         purge = start_round + 1 if start_round > 0 else 0
-        try:
-            os.makedirs(logdir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the TensorBoard directory {logdir} ({e.strerror}); "
-                            f"choose a writable path") from None
+        make_directory(logdir, "the TensorBoard directory")
         self.logdir = logdir
         # The event file's name holds the second it was created: the suffix keeps a resumed
         # run's file apart from (and sorted after) one created in the same second.
