@@ -26,7 +26,8 @@ import json, sys
 import fedjax_sim
 loaded = [sys.modules.get(m) is not None for m in {names!r}]
 import fedjax_sim.cli.main
-print(json.dumps([loaded, [sys.modules.get(m) is not None for m in {names!r}]]))
+print(json.dumps([loaded, [sys.modules.get(m) is not None for m in {names!r}],
+                  fedjax_sim.__file__]))
 """
 
 
@@ -34,9 +35,11 @@ def _fresh_imports():
     root = os.path.dirname(os.path.dirname(os.path.abspath(fedjax_sim.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(names=FEATURE_ONLY)], env=env,
-                         capture_output=True, text=True, timeout=120, check=True)
-    package, cli = json.loads(out.stdout.strip().splitlines()[-1])
+    # -P: not the working directory's copy, the one this test imported.
+    out = subprocess.run([sys.executable, "-P", "-c", SCRIPT.format(names=FEATURE_ONLY)],
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    package, cli, imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert os.path.samefile(imported, fedjax_sim.__file__)
     return ({m for m, hit in zip(FEATURE_ONLY, package) if hit},
             {m for m, hit in zip(FEATURE_ONLY, cli) if hit})
 
