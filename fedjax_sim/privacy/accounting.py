@@ -28,18 +28,26 @@ import dataclasses
 import functools
 import math
 import numbers
+import typing
 import warnings
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import stats
 
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy.skellam import SampledSkellam
 
-NeighboringRelation = dp_accounting.NeighboringRelation
+# dp_accounting (and the scipy it loads) takes seconds to import, longer than the rest of
+# the package: it is imported where ε is computed, not when fedjax_sim is.
+if typing.TYPE_CHECKING:
+    import dp_accounting
+
+
+def __getattr__(name: str):
+    if name == "NeighboringRelation":  # dp_accounting's, loaded on first use
+        import dp_accounting
+
+        return dp_accounting.NeighboringRelation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Stand-in for "population not given" in the convenience functions: without a cap the
 # Poisson event does not depend on N. `Accountant` skips the δ ≥ 1/N check for it.
@@ -138,6 +146,8 @@ class SampledGaussian:
             replace-one the sum of updates clipped to C has L2 sensitivity 2C, and
             dp_accounting's noise multiplier is noise std / sensitivity = zC / 2C.
         """
+        import dp_accounting
+
         z = self.noise_multiplier
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.sampling_rate,
@@ -146,7 +156,9 @@ class SampledGaussian:
             self.population, self.sample_size, dp_accounting.GaussianDpEvent(z / 2))
 
     @property
-    def neighboring_relation(self) -> NeighboringRelation:
+    def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+        from dp_accounting import NeighboringRelation
+
         if self.sampling == "poisson":
             return NeighboringRelation.ADD_OR_REMOVE_ONE
         return NeighboringRelation.REPLACE_ONE
@@ -173,6 +185,8 @@ class SampledGaussian:
         if self.sampling != "poisson" or self.max_sample_size is None \
                 or self.max_sample_size >= self.population:
             return 0.0
+        from scipy import stats
+
         return float(stats.binom.sf(self.max_sample_size, self.population + 1,
                                     self.sampling_rate))
 
@@ -191,6 +205,8 @@ def default_cap(population: int, sampling_rate: float, overflow: float = 1e-12) 
     q = _check_rate("sampling_rate", sampling_rate)
     if not (_is_real(overflow) and 0 < overflow < 1):
         raise UserError(f"overflow must be a probability in (0, 1), got {overflow!r}")
+    from scipy import stats
+
     n = population + 1
     sf = lambda m: stats.binom.sf(m, n, q)  # noqa: E731
     cap = int(min(max(stats.binom.isf(overflow, n, q), 0), n))
@@ -247,6 +263,8 @@ class Accountant:
                 self._rdp_epsilon_composed = functools.lru_cache(maxsize=256)(
                     self._rdp_epsilon_composed_uncached)
         else:
+            from dp_accounting.pld import privacy_loss_distribution
+
             self._uncapped = self._pld_epsilon
             self._one_step_pld = privacy_loss_distribution.from_gaussian_mechanism(
                 standard_deviation=mechanism.noise_multiplier,
@@ -256,6 +274,8 @@ class Accountant:
             self._composed_pld = functools.lru_cache(maxsize=8)(self._one_step_pld.self_compose)
 
     def _fresh_rdp(self) -> dp_accounting.rdp.RdpAccountant:
+        import dp_accounting
+
         return dp_accounting.rdp.RdpAccountant(
             neighboring_relation=self.mechanism.neighboring_relation)
 
@@ -274,10 +294,14 @@ class Accountant:
     def _rdp_epsilon(self, count: int, delta: float) -> float:
         if self._rdp_curve is None:
             return self._rdp_epsilon_composed(count, delta)
+        from dp_accounting.rdp import rdp_privacy_accountant
+
         orders, rdp = self._rdp_curve
         return float(rdp_privacy_accountant.compute_epsilon(orders, count * rdp, delta)[0])
 
     def _rdp_epsilon_composed_uncached(self, count: int, delta: float) -> float:
+        import dp_accounting
+
         acc = self._fresh_rdp()
         acc.compose(dp_accounting.SelfComposedDpEvent(self.mechanism.event(), count))
         return float(acc.get_epsilon(delta))
@@ -408,6 +432,8 @@ def calibrate_noise(target_epsilon: float, *, rounds: int, delta: float,
         raise UserError("rounds must be >= 1 to calibrate noise (0 rounds spend no privacy)")
     if not (_is_real(tolerance) and tolerance > 0):
         raise UserError(f"tolerance must be a number > 0, got {tolerance!r}")
+    import dp_accounting
+
     base = _mechanism(1.0, sampling, sampling_rate, population, sample_size)
     # Validates delta, accountant and the PLD/fixed combination, and warns on δ >= 1/N.
     Accountant(base, delta=delta, accountant=accountant, pld_discretization=pld_discretization)

@@ -40,8 +40,6 @@ import dataclasses
 import math
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import special
 
 from fedjax_sim.errors import UserError
 
@@ -78,6 +76,8 @@ def poisson_subsampled_rdp(orders: np.ndarray, rate: float, rdp: np.ndarray) -> 
     given the mechanism's RDP `rdp[i]` at integer order `orders[i]`; needs every integer
     order from 2 up to each order it bounds (other orders get the unamplified value).
     Never more than the unamplified curve."""
+    from scipy import special  # seconds to import: loaded where the bound is computed
+
     orders = np.asarray(orders, np.float64)
     rdp = np.asarray(rdp, np.float64)
     q = float(rate)

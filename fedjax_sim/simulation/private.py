@@ -25,7 +25,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy import stats
 
 from fedjax_sim.aggregators import ROUND_FAILED, chain, dp_fedavg
 from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_setting
@@ -67,6 +66,8 @@ def budget_cap(population: int, sampling_rate: float, noise_multiplier: float, d
                          delta=delta / 2, accountant=accountant).epsilon(applications)
     if eps >= 700:
         return population
+    from scipy import stats  # seconds to import: loaded where a cap is chosen
+
     budget = delta / 10 / applications / (1 + math.exp(eps))
     sf = lambda m: stats.binom.sf(m, population + 1, sampling_rate)  # noqa: E731
     if sf(base) <= budget:
