@@ -81,7 +81,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.engine.contracts import AggregatorPart, Message
-from fedjax_sim.engine.round import sample_cohort
+from fedjax_sim.engine.round import sample_cohort, tree_entries
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -142,7 +142,7 @@ def _layout(tree: PyTree) -> tuple:
 
 
 def unflatten(vector: jax.Array, layout: tuple) -> PyTree:
-    """The inverse of `flatten` for a tree of `layout` (float32 leaves)."""
+    """The inverse of `flatten` for a tree of `layout` (leaves of the vector's dtype)."""
     treedef, shapes = layout
     leaves, start = [], 0
     for shape in shapes:
@@ -152,8 +152,9 @@ def unflatten(vector: jax.Array, layout: tuple) -> PyTree:
     return treedef.unflatten(leaves)
 
 
-def _entries(params: PyTree) -> int:
-    return sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(params))
+def layout_entries(layout: tuple) -> int:
+    """How many values a tree of `layout` holds (what `unflatten` reads)."""
+    return sum(math.prod(shape) for shape in layout[1])
 
 
 # -- quantization ---------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def quantize(bits: int, *, rotation: str | None = None, seed: int = 0) -> Aggreg
             raise UserError("quantize(rotation='hadamard') found no rotated sum to undo: a "
                             "part between it and the sum changed the update's structure")
         layout = total.layout
-        d = sum(math.prod(shape) for shape in layout[1])
+        d = layout_entries(layout)
         vector = unrotate(total.vector, jax.random.wrap_key_data(state.key), d)
         # the next round's rotation: fresh, public, from the round's aggregator key
         next_key = _key_data(jax.random.fold_in(rng, 1))
@@ -385,7 +386,7 @@ def _compressor(name: str, encode: Callable, error_feedback: bool, sparsifies: b
         return wrap(sent, delta), {f"{name}_residual_norm": jnp.linalg.norm(left)}, new_residual
 
     def client_init(params):
-        return jnp.zeros((_entries(params),), jnp.float32)
+        return jnp.zeros((tree_entries(params),), jnp.float32)
 
     def finalize(total, denominator, reports, state, rng):
         del reports, rng

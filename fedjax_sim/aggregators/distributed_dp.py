@@ -44,9 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.aggregators.compression import (Rotated, RotationState, _layout, flatten,
-                                                padded_size, rotate, unflatten, unrotate)
-from fedjax_sim.aggregators.dp import global_norm
-from fedjax_sim.aggregators.secure import secure_sum
+                                                layout_entries, padded_size, rotate, unflatten,
+                                                unrotate)
+from fedjax_sim.aggregators.dp import _scale_to_norm, global_norm
+from fedjax_sim.aggregators.secure import secure_sum, stochastic_round
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy.skellam import l1_bound, rounded_l2_bound
 
@@ -123,12 +124,10 @@ def conditional_round(v: jax.Array, key: jax.Array, bound: float) -> jax.Array:
     """Stochastic rounding of v (unbiased per attempt), repeated until ‖r‖ <= bound, at most
     MAX_ROUNDINGS times; then toward zero (‖trunc v‖ <= ‖v‖). int32."""
     limit = jnp.float32(bound) ** 2 * (1 - 1e-6)  # float32 sums: stay strictly inside
-    floor = jnp.floor(v)
 
     def attempt(i):
-        up = jax.random.uniform(jax.random.fold_in(key, i), v.shape) < v - floor
-        r = floor + up
-        return r, jnp.sum(jnp.square(r)) <= limit
+        r = stochastic_round(v, jax.random.fold_in(key, i))
+        return r, jnp.sum(jnp.square(r.astype(jnp.float32))) <= limit
 
     def again(carry):
         i, _, _ = carry
@@ -137,7 +136,7 @@ def conditional_round(v: jax.Array, key: jax.Array, bound: float) -> jax.Array:
     r0, ok0 = attempt(0)
     _, r, ok = jax.lax.while_loop(lambda c: (~c[2]) & (c[0] < MAX_ROUNDINGS), again,
                                   (jnp.int32(1), r0, ok0))
-    return jnp.where(ok, r, jnp.trunc(v)).astype(jnp.int32)
+    return jnp.where(ok, r, jnp.trunc(v).astype(jnp.int32))
 
 
 def skellam_noise(key: jax.Array, variance: float, shape) -> jax.Array:
@@ -166,7 +165,7 @@ def skellam_encode(clip_norm: float, setting: SkellamSetting, *, expected_client
     def client(delta, state, rng):
         vector = flatten(delta)
         norm = global_norm(delta)
-        clipped = vector * jnp.minimum(1.0, c / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        clipped = _scale_to_norm(vector, norm, jnp.float32(c))
         rotated = rotate(clipped, jax.random.wrap_key_data(state.key)) * jnp.float32(s)
         k_round, k_noise = jax.random.split(rng)
         encoded = conditional_round(rotated, k_round, setting.l2_sensitivity)
@@ -176,9 +175,8 @@ def skellam_encode(clip_norm: float, setting: SkellamSetting, *, expected_client
 
     def finalize(total, denominator, reports, state, rng):
         del denominator
-        d = sum(math.prod(shape) for shape in total.layout[1])
         vector = unrotate(total.vector.astype(jnp.float32) / jnp.float32(s),
-                          jax.random.wrap_key_data(state.key), d)
+                          jax.random.wrap_key_data(state.key), layout_entries(total.layout))
         survivors = reports.get("secagg_survivors", jnp.float32(setting.min_clients))
         std = jnp.sqrt(survivors * setting.client_variance) / (s * expected_clients)
         next_key = jax.random.key_data(jax.random.fold_in(rng, 1))

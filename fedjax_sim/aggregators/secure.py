@@ -84,6 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim.aggregators.compression import _layout, flatten, unflatten
 from fedjax_sim.aggregators.dp import _check_positive, _scale_to_norm, global_norm
 from fedjax_sim.engine.contracts import ROUND_FAILED, Cohort, Message
 from fedjax_sim.errors import UserError
@@ -393,6 +394,13 @@ def value_bound(clip_norm: float, scale: float) -> int:
     return math.ceil(float(np.float32(scale) * np.float32(clip_norm)))
 
 
+def stochastic_round(v: jax.Array, rng: jax.Array) -> jax.Array:
+    """floor(v) + Bernoulli(v - floor(v)) per entry, as int32: unbiased, variance <= 1/4."""
+    floor = jnp.floor(v)
+    up = jax.random.uniform(rng, v.shape, jnp.float32) < v - floor
+    return floor.astype(jnp.int32) + up.astype(jnp.int32)
+
+
 def integer_encode(clip_norm: float, scale: float):
     """Clips each client's update to L2 norm `clip_norm` (c), scales it by `scale` (s) and
     rounds it stochastically to int32 leaves (floor(v) + Bernoulli(v - floor(v)): unbiased,
@@ -410,16 +418,10 @@ def integer_encode(clip_norm: float, scale: float):
 
     def client(delta, state, rng):
         del state
-        leaves, treedef = jax.tree_util.tree_flatten(delta)
         norm = global_norm(delta)
-        flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
-        v = jnp.clip(_scale_to_norm(flat, norm, jnp.float32(c)) * jnp.float32(s), -limit, limit)
-        floor = jnp.floor(v)
-        up = jax.random.uniform(rng, v.shape, jnp.float32) < v - floor
-        q = floor.astype(jnp.int32) + up.astype(jnp.int32)
-        ends = np.cumsum([x.size for x in leaves])[:-1]
-        parts = [piece.reshape(x.shape) for piece, x in zip(jnp.split(q, ends), leaves)]
-        return jax.tree_util.tree_unflatten(treedef, parts), {
+        v = jnp.clip(_scale_to_norm(flatten(delta), norm, jnp.float32(c)) * jnp.float32(s),
+                     -limit, limit)
+        return unflatten(stochastic_round(v, rng), _layout(delta)), {
             "encode_clipped_fraction": (norm > c).astype(jnp.float32),
             "encode_update_norm": norm}
 

@@ -9,7 +9,6 @@ Nothing here runs a round; `simulation.loop` does.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Callable
 
@@ -339,8 +338,7 @@ def _privacy_and_schedule(r: RunRequest):
 
 def _entries(model: Model) -> int:
     """How many values the model's trainable parameters (a client's update) hold."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0))[0])
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    return model.num_params(jax.eval_shape(lambda: model.init(jax.random.key(0))[0]))
 
 
 def _initial_model(model: Model, root, initial_params):
