@@ -231,11 +231,16 @@ def _key_data(key: jax.Array) -> jax.Array:
     return key
 
 
-def _check_bits(bits) -> int:
+def check_quantizer(name: str, bits, rotation, seed, example: str) -> None:
+    """One-line errors for a quantizer's arguments (`quantize`, the algorithms'
+    `compressed_broadcast`): bits in 1..16, rotation None or 'hadamard', an integer seed."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise UserError(f"quantize bits must be an integer from 1 to 16, got {bits!r}; "
-                        f"e.g. quantize(8)")
-    return bits
+        raise UserError(f"{name} bits must be an integer from 1 to 16, got {bits!r}; "
+                        f"e.g. {example}")
+    if rotation not in ROTATIONS:
+        raise UserError(f"{name} rotation must be None or 'hadamard', got {rotation!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"{name} seed must be an integer, got {seed!r}")
 
 
 def quantize(bits: int, *, rotation: str | None = None, seed: int = 0) -> AggregatorPart:
@@ -247,11 +252,7 @@ def quantize(bits: int, *, rotation: str | None = None, seed: int = 0) -> Aggreg
     Sends (d or d') x bits + 64 bits (the range, two float32)."""
     from fedjax_sim.aggregators import part
 
-    _check_bits(bits)
-    if rotation not in ROTATIONS:
-        raise UserError(f"quantize rotation must be None or 'hadamard', got {rotation!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"quantize seed must be an integer, got {seed!r}")
+    check_quantizer("quantize", bits, rotation, seed, "quantize(8)")
 
     def init(params):
         del params

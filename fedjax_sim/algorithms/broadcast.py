@@ -44,8 +44,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators.compression import (FLOAT_BITS, ROTATIONS, flatten, padded_size,
-                                                rotate, stochastic_quantize, unflatten, unrotate)
+from fedjax_sim.aggregators.compression import (FLOAT_BITS, check_quantizer, flatten,
+                                                padded_size, rotate, stochastic_quantize,
+                                                unflatten, unrotate)
 from fedjax_sim.engine.contracts import Algorithm, ClientOutput, Message, Problem, RoundSums
 from fedjax_sim.errors import UserError
 
@@ -99,14 +100,8 @@ def _check(inner, bits, rotation, seed) -> None:
     if not isinstance(inner, Algorithm):
         raise UserError(f"compressed_broadcast wraps an algorithm (fedjax_sim.algorithms, e.g. "
                         f"fedavg(optax.sgd(0.1))), got {type(inner).__name__}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise UserError(f"compressed_broadcast bits must be an integer from 1 to 16, got "
-                        f"{bits!r}; e.g. compressed_broadcast(algorithm, 8)")
-    if rotation not in ROTATIONS:
-        raise UserError(f"compressed_broadcast rotation must be None or 'hadamard', got "
-                        f"{rotation!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"compressed_broadcast seed must be an integer, got {seed!r}")
+    check_quantizer("compressed_broadcast", bits, rotation, seed,
+                    "compressed_broadcast(algorithm, 8)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
