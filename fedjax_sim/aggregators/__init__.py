@@ -73,12 +73,6 @@ def part(init: Callable | None = None, client: Callable | None = None,
                           finalize or _no_finalize, reduce, client_init, uplink)
 
 
-def uplink_message(aggregator: AggregatorPart, entries: int, cohort_slots: int) -> Message:
-    """What one client sends with `aggregator`, for a delta of `entries` float32 values."""
-    message = Message(entries, 32)
-    return message if aggregator.uplink is None else aggregator.uplink(message, cohort_slots)
-
-
 def chain(*parts: AggregatorPart) -> AggregatorPart:
     """Composes parts: each client transform in order, then the reduction (the chain's
     reducing part, if any, else the streaming weighted sum), then each finalizer in order.
@@ -144,7 +138,7 @@ from fedjax_sim.aggregators.secure import integer_encode, secure_aggregation, se
 from fedjax_sim.aggregators.encrypted import encrypted_sum  # noqa: E402
 from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_encode  # noqa: E402
 
-__all__ = ["AggregatorPart", "Cohort", "Message", "ROUND_FAILED", "uplink_message",
+__all__ = ["AggregatorPart", "Cohort", "Message", "ROUND_FAILED",
            "weighted_mean", "part", "chain", "clip", "adaptive_clip", "gaussian", "dp_fedavg",
            "global_norm", "quantize", "sign", "top_k", "random_k", "integer_encode", "secure_sum",
            "secure_aggregation", "encrypted_sum", "distributed_dp", "skellam_encode"]
