@@ -32,6 +32,7 @@ written during tracing) and keep static shapes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol
@@ -39,6 +40,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.engine import hyperparams as hyper_lib
 from fedjax_sim.errors import UserError
 from fedjax_sim.models.adapter import Model
 from fedjax_sim.models.tasks import Task
@@ -54,6 +56,12 @@ STATS_KEY = "_stats"
 
 
 # -- algorithms -------------------------------------------------------------------------
+def nonzero(value) -> bool:
+    """Whether a number that may switch a term off is on: True for a traced value (an
+    algorithm's runtime hyperparameters are nonzero, see `Algorithm.hyperparams`)."""
+    return isinstance(value, jax.core.Tracer) or bool(value)
+
+
 class ClientOutput(NamedTuple):
     """What one client returns from `client_update`.
 
@@ -198,10 +206,40 @@ class Algorithm:
     personalized: ClassVar[bool] = False
     global_model: ClassVar[bool] = True
     client_dp: ClassVar[str | None] = None
+    # Number fields whose values are inputs of the compiled round program, not constants
+    # in it (see `hyperparams`).
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}")
+
+    def hyperparams(self) -> dict:
+        """The values the round program takes as inputs (engine.hyperparams), by field:
+        the numeric hyperparameters of every optimizer field made with
+        `optax.inject_hyperparams`, and each nonzero number named in `hyperparameters`
+        (zero keeps a program of its own: it may switch a term off). Changing only these
+        between runs reuses the compiled program."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            injected = hyper_lib.values(value)
+            if injected:
+                out[field.name] = injected
+            elif (field.name in self.hyperparameters and isinstance(value, (int, float))
+                  and not isinstance(value, bool) and value != 0):
+                out[field.name] = jnp.float32(value)
+        return out
+
+    def with_hyperparams(self, values: dict) -> "Algorithm":
+        """A copy of this algorithm with the fields of `hyperparams()` set to `values`
+        (traced arrays inside the round program); construction checks do not run again."""
+        new = copy.copy(self)
+        for name, value in values.items():
+            current = getattr(self, name)
+            object.__setattr__(new, name, hyper_lib.with_values(current, value)
+                               if isinstance(value, dict) else value)
+        return new
 
     @property
     def local_schedule(self) -> LocalSchedule:
@@ -332,6 +370,8 @@ class AggregatorPart(NamedTuple):
         part's client transform makes a client send, given what it would send without
         the part. The engine starts from Message(entries in the delta, 32) and applies
         the chain's parts in order; `cohort_slots` is the round's number of cohort slots.
+    key: None, or a hashable naming everything the part's functions bake into the
+        compiled program (see `__program_key__`).
     """
 
     init: Callable[[PyTree], PyTree]
@@ -340,3 +380,10 @@ class AggregatorPart(NamedTuple):
     reduce: Callable[[Cohort, PyTree, jax.Array], tuple] | None = None
     client_init: Callable[[PyTree], PyTree] | None = None
     uplink: Callable[[Message, int], Message] | None = None
+    key: Any = None
+
+    def __program_key__(self):
+        """What of this part fixes the compiled program (engine.program_cache): `key`, a
+        hashable that the part's builder gives when every value it does not keep in its
+        state is in it, else the part's functions (keyed by their code and closures)."""
+        return ("key", self.key) if self.key is not None else tuple(self[:6])

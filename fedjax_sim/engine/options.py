@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.engine import program_cache
 from fedjax_sim.engine.client_states import PLACEMENTS
 from fedjax_sim.engine.streaming import DATA_PLACEMENTS, parse_bytes
 from fedjax_sim.errors import UserError
@@ -80,7 +81,14 @@ class EngineOptions:
 
 
 def has_convolution(model, params, model_state, example_x) -> bool:
-    """Whether the model's forward pass contains a convolution (checked on its jaxpr)."""
+    """Whether the model's forward pass contains a convolution (checked on its jaxpr;
+    remembered for the process, engine.program_cache)."""
+    return program_cache.memoized(
+        lambda: _has_convolution(model, params, model_state, example_x), "has_convolution",
+        model, program_cache.signature((params, model_state, example_x)))
+
+
+def _has_convolution(model, params, model_state, example_x) -> bool:
     closed = jax.make_jaxpr(lambda p: model.apply(p, model_state, example_x, train=False)[0])(params)
 
     def jaxprs_in(value):
@@ -105,7 +113,14 @@ def has_convolution(model, params, model_state, example_x) -> bool:
 
 def client_step_flops(problem, params, batch: dict) -> float:
     """FLOPs of one client's local step (loss + gradient), from XLA's cost analysis of the
-    lowered program (nothing is compiled); NaN where the backend gives no estimate."""
+    lowered program (nothing is compiled); NaN where the backend gives no estimate.
+    Remembered for the process (engine.program_cache)."""
+    return program_cache.memoized(lambda: _client_step_flops(problem, params, batch),
+                                  "client_step_flops", problem,
+                                  program_cache.signature((params, batch)))
+
+
+def _client_step_flops(problem, params, batch: dict) -> float:
     mask = jnp.ones(len(batch[problem.task.label_key]), bool)
     grad = jax.grad(lambda p: problem.loss(p, batch, mask, jax.random.key(0))[0])
     try:

@@ -24,6 +24,7 @@ engine.contracts.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any, NamedTuple
@@ -37,6 +38,7 @@ from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.contracts import (ROUND_FAILED, STATS_KEY, AggregatorPart, Algorithm,
                                          Cohort, Message, Problem, RoundSums)
 from fedjax_sim.engine import mesh as mesh_lib
+from fedjax_sim.engine import program_cache
 from fedjax_sim.engine.local import LocalData
 from fedjax_sim.trees import merge
 
@@ -334,11 +336,21 @@ class RoundProgram:
         client id). Otherwise `state.clients` is a smaller table and `rows` ([C] int32) maps
         each client id to its row there (host-kept states: the table holds the rows of the
         clients these rounds sample, see engine.client_states).
-        """
-        compiled = self._jit.lower(state, data, model_state, root, jnp.int32(0), jnp.int32(1),
-                                   rows, max_rounds=max_rounds).compile()
 
-        placements = compiled.input_shardings[0][:4] + compiled.input_shardings[0][6:]
+        The executable comes from the process's program cache (engine.program_cache) where
+        a program built alike was compiled before (`self.cache_hit` says which); the
+        algorithm's runtime hyperparameters (`Algorithm.hyperparams`) are its inputs.
+        """
+        hyper = self.algorithm.hyperparams()
+        args = (state, data, model_state, root, jnp.int32(0), jnp.int32(1), rows, hyper)
+
+        def build():
+            compiled = self._jit.lower(*args, max_rounds=max_rounds).compile()
+            shardings = compiled.input_shardings[0]
+            return compiled, shardings[:4] + shardings[6:7]
+
+        (compiled, placements), self.cache_hit = program_cache.PROGRAMS.get_or_compile(
+            self.program_key(args, max_rounds), build)
 
         def run(state, data, model_state, root, start, count, rows=None):
             if not 1 <= count <= max_rounds:
@@ -347,12 +359,37 @@ class RoundProgram:
                 state, data, model_state, root, rows = mesh_lib.put(
                     (state, data, model_state, root, rows), placements)
             return compiled(state, data, model_state, root, jnp.int32(start), jnp.int32(count),
-                            rows)
+                            rows, hyper)
 
         return run
 
+    def program_key(self, args: tuple, max_rounds: int) -> tuple:
+        """What the compiled program depends on (engine.program_cache): everything this
+        program is built from except the algorithm's runtime hyperparameters, and the
+        shapes, dtypes and placements of `args`."""
+        algorithm = self.algorithm
+        built = (self.problem, self.aggregator, self.preprocess, self.schedule,
+                 self.num_clients, self.max_client_size, self.sampling, self.clients_per_chunk,
+                 self.unroll, self.stats_mode, self.mesh)
+        return (type(self), program_cache.structural_key(algorithm, tuple(algorithm.hyperparams())),
+                program_cache.structural_key(built), program_cache.signature(args), max_rounds,
+                program_cache.environment())
+
+    def _bound(self, hyper: dict) -> "RoundProgram":
+        """This program with the algorithm's runtime hyperparameters set to `hyper`."""
+        if not hyper:
+            return self
+        bound = copy.copy(self)
+        bound.algorithm = self.algorithm.with_hyperparams(hyper)
+        return bound
+
     # -- inside the jit ---------------------------------------------------------------
-    def _run_rounds(self, state, data, model_state, root, start, count, rows, *, max_rounds):
+    def _run_rounds(self, state, data, model_state, root, start, count, rows, hyper, *,
+                    max_rounds):
+        return self._bound(hyper)._rounds(state, data, model_state, root, start, count, rows,
+                                          max_rounds)
+
+    def _rounds(self, state, data, model_state, root, start, count, rows, max_rounds):
         if self._hoist_draws(max_rounds):
             rounds = start + jnp.arange(max_rounds, dtype=jnp.int32)
             draws = jax.vmap(lambda r: self._draw_round(root, r, per_client=True))(rounds)

@@ -91,7 +91,8 @@ class RoundCalls:
 
     def engine_summary(self) -> dict:
         plan, streamer = self.plan, self.plan.streamer
-        return {**plan.engine, "backend": plan.backend, "local_steps": plan.schedule.num_steps,
+        return {**plan.engine, "backend": plan.backend,
+                "program_cache": "hit" if self.program.cache_hit else "compiled", "local_steps": plan.schedule.num_steps,
                 "batch_size": plan.schedule.batch_size, "data_placement": plan.data_placement,
                 **({"stream": {"rounds_per_call": self.per_call, "buffer_rows": streamer.capacity,
                                "calls": streamer.calls, "prefetched_calls": streamer.prefetched}}

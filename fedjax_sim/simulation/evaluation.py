@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.algorithms.blocks import local_training
+from fedjax_sim.engine import program_cache
 from fedjax_sim.engine.contracts import Problem
 from fedjax_sim.engine.batching import bits_needed, client_batches, make_schedule
 from fedjax_sim.engine.cohort import map_clients
@@ -77,7 +78,7 @@ class CentralEvaluator:
             count = jnp.maximum(sums.pop("count"), 1.0)
             return {k: v / count for k, v in sums.items()}
 
-        self._evaluate = jax.jit(evaluate)
+        self._evaluate = program_cache.jit(evaluate)
 
     def __call__(self, params, model_state) -> dict:
         return self._evaluate(params, model_state, self._batches, self._mask)
@@ -206,7 +207,7 @@ class ClientEvaluator:
             _, _, sums = map_clients(one_client, (ids, train_rows, states), clients_per_chunk)
             return sums
 
-        self._evaluate = jax.jit(evaluate)
+        self._evaluate = program_cache.jit(evaluate)
 
     def __call__(self, params, model_state, client_states=None) -> dict:
         """Per-client metrics: {'test' | 'personal' | 'finetuned': {name: [C], 'count': [C]}}

@@ -19,6 +19,7 @@ import numpy as np
 from fedjax_sim.aggregators import AggregatorPart, weighted_mean
 from fedjax_sim.algorithms import Algorithm, LocalStatistics
 from fedjax_sim.data.augment import Preprocess, default_preprocess
+from fedjax_sim.engine import program_cache
 from fedjax_sim.engine.batching import Schedule, make_schedule
 from fedjax_sim.engine.client_states import device_memory_bytes, resolve_placement
 from fedjax_sim.engine.contracts import Problem
@@ -338,11 +339,11 @@ def _privacy_and_schedule(r: RunRequest):
 
 def _entries(model: Model) -> int:
     """How many values the model's trainable parameters (a client's update) hold."""
-    return model.num_params(jax.eval_shape(lambda: model.init(jax.random.key(0))[0]))
+    return model.num_params(program_cache.jit(model.init).eval_shape(jax.random.key(0))[0])
 
 
 def _initial_model(model: Model, root, initial_params):
-    params, model_state = model.init(jax.random.fold_in(root, INIT_STREAM))
+    params, model_state = program_cache.jit(model.init)(jax.random.fold_in(root, INIT_STREAM))
     if initial_params is None:
         return params, model_state
     given = path_names(initial_params)
@@ -374,6 +375,12 @@ def _example_batch(model, params, model_state, train_data, schedule, preprocess,
 
 
 def _output_shape(model, params, model_state, example_x):
+    return program_cache.memoized(lambda: _traced_output_shape(model, params, model_state, example_x),
+                                  "output_shape", model,
+                                  program_cache.signature((params, model_state, example_x)))
+
+
+def _traced_output_shape(model, params, model_state, example_x):
     try:
         return jax.eval_shape(lambda p: model.apply(p, model_state, example_x, train=False)[0],
                               params).shape
