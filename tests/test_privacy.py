@@ -43,7 +43,8 @@ def test_clip_bounds_norms_and_leaves_small_updates_unchanged():
     for scale in (0.1, 0.5, 1.0, 3.0):
         delta = {"a": rng.normal(size=(4, 5)).astype(np.float32) * scale,
                  "b": rng.normal(size=(7,)).astype(np.float32) * scale}
-        out, report = clip.client(jax.tree_util.tree_map(jnp.asarray, delta), (), jax.random.key(0))
+        out, report = clip.client(jax.tree_util.tree_map(jnp.asarray, delta), clip.init(None),
+                                  jax.random.key(0))
         norm = np.linalg.norm(_flat(delta))
         expected = min(1.0, 1.5 / norm)  # numpy reference: one flat L2 norm over all leaves
         np.testing.assert_allclose(_flat(out), _flat(delta) * expected, rtol=1e-6)
@@ -52,7 +53,7 @@ def test_clip_bounds_norms_and_leaves_small_updates_unchanged():
             np.testing.assert_array_equal(_flat(out), _flat(delta))  # unchanged, bit for bit
         assert float(report["dp_clipped_fraction"]) == float(norm > 1.5)
         np.testing.assert_allclose(float(report["dp_update_norm"]), norm, rtol=1e-6)
-    zero, _ = clip.client({"a": jnp.zeros(3)}, (), jax.random.key(0))
+    zero, _ = clip.client({"a": jnp.zeros(3)}, clip.init(None), jax.random.key(0))
     np.testing.assert_array_equal(zero["a"], 0.0)
 
 

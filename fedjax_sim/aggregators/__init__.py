@@ -60,17 +60,20 @@ def weighted_mean() -> AggregatorPart:
 
 def part(init: Callable | None = None, client: Callable | None = None,
          finalize: Callable | None = None, reduce: Callable | None = None,
-         client_init: Callable | None = None, uplink: Callable | None = None) -> AggregatorPart:
+         client_init: Callable | None = None, uplink: Callable | None = None,
+         key: Any = None) -> AggregatorPart:
     """Builds a part from whichever of its functions it needs (see AggregatorPart):
     `reduce(cohort, state, rng) -> (total, denominator[, metrics])` makes it see every
     client's update (`Cohort`) instead of the streaming weighted sum; `client_init(params)`
     gives it a state per client (its `client` then takes and returns that state);
-    `uplink(message, cohort_slots) -> Message` says what its client transform sends."""
+    `uplink(message, cohort_slots) -> Message` says what its client transform sends;
+    `key` (optional) names everything the functions bake into the compiled program, for
+    the program cache (AggregatorPart.key)."""
     if client_init is not None and client is None:
         raise UserError("a part with client_init needs a client function "
                         "client(delta, state, rng, client_state) -> (delta, report, client_state)")
     return AggregatorPart(init or (lambda params: ()), client or _no_client,
-                          finalize or _no_finalize, reduce, client_init, uplink)
+                          finalize or _no_finalize, reduce, client_init, uplink, key)
 
 
 def chain(*parts: AggregatorPart) -> AggregatorPart:

@@ -60,28 +60,38 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> float:
     return float(value)
 
 
+class ClipState(NamedTuple):
+    clip_norm: jax.Array  # C (an input of the compiled program, not a constant in it)
+
+
 def clip(clip_norm: float):
     """Scales each client's update to L2 norm at most `clip_norm` (C > 0).
 
     Reports per client `dp_clipped_fraction` (1 if ‖Δ‖ > C: its mean over the cohort is the
     fraction clipped) and `dp_update_norm` (‖Δ‖ before clipping); the finalizer reports
-    the round's `dp_clip_norm`.
+    the round's `dp_clip_norm`. C is kept in the part's state (`ClipState`), so runs that
+    differ only in C reuse one compiled program.
     """
     from fedjax_sim.aggregators import part
 
     c = _check_positive("clip_norm", clip_norm)
 
+    def init(params):
+        del params
+        return ClipState(jnp.float32(c))
+
     def client(delta, state, rng):
-        del state, rng
+        del rng
         norm = global_norm(delta)
-        return _scale_to_norm(delta, norm, jnp.float32(c)), {
-            "dp_clipped_fraction": (norm > c).astype(jnp.float32), "dp_update_norm": norm}
+        return _scale_to_norm(delta, norm, state.clip_norm), {
+            "dp_clipped_fraction": (norm > state.clip_norm).astype(jnp.float32),
+            "dp_update_norm": norm}
 
     def finalize(total, denominator, reports, state, rng):
         del reports, rng
-        return total, denominator, state, {"dp_clip_norm": jnp.float32(c)}
+        return total, denominator, state, {"dp_clip_norm": state.clip_norm}
 
-    return part(client=client, finalize=finalize)
+    return part(init=init, client=client, finalize=finalize, key=("dp.clip",))
 
 
 class AdaptiveClipState(NamedTuple):
@@ -128,7 +138,12 @@ def adaptive_clip(*, expected_clients: float, initial_clip_norm: float = 0.1,
         return total, denominator, AdaptiveClipState(new_clip), {
             "dp_clip_norm": state.clip_norm, "dp_unclipped_estimate": estimate}
 
-    return part(init=init, client=client, finalize=finalize)
+    return part(init=init, client=client, finalize=finalize,
+                key=("dp.adaptive_clip", m, float(target_quantile), eta, sigma_b))
+
+
+class GaussianState(NamedTuple):
+    noise_multiplier: jax.Array  # z (an input of the compiled program)
 
 
 def gaussian(noise_multiplier: float, *, expected_clients: float,
@@ -137,7 +152,9 @@ def gaussian(noise_multiplier: float, *, expected_clients: float,
 
     C is the clip norm the preceding `clip`/`adaptive_clip` part used this round. With
     `noise_cohort_size=M` the noise std on the sum is z·C·m/M (module doc). Reports
-    `dp_noise_std`, the noise std per coordinate of the aggregate (z·C/M or z·C/m).
+    `dp_noise_std`, the noise std per coordinate of the aggregate (z·C/M or z·C/m). z is
+    kept in the part's state (`GaussianState`): runs that differ only in a nonzero z reuse
+    one compiled program.
     """
     from fedjax_sim.aggregators import part
 
@@ -150,18 +167,22 @@ def gaussian(noise_multiplier: float, *, expected_clients: float,
             raise UserError(f"noise_cohort_size must be an integer >= 1, got {noise_cohort_size!r}")
         scale = m / noise_cohort_size
 
+    def init(params):
+        del params
+        return GaussianState(jnp.float32(z))
+
     def finalize(total, denominator, reports, state, rng):
         del denominator
         if "dp_clip_norm" not in reports:
             raise UserError("gaussian() needs clip() or adaptive_clip() before it in the chain "
                             "(the noise is scaled to the clip norm)")
-        std = z * scale * reports["dp_clip_norm"]
+        std = state.noise_multiplier * scale * reports["dp_clip_norm"]
         if z == 0:  # nothing to draw (clipping only)
             return total, jnp.float32(m), state, {"dp_noise_std": std / m}
         noised = jax.tree_util.tree_map(jnp.add, total, gaussian_like(rng, total, std))
         return noised, jnp.float32(m), state, {"dp_noise_std": std / m}
 
-    return part(finalize=finalize)
+    return part(init=init, finalize=finalize, key=("dp.gaussian", z == 0, m, scale))
 
 
 def count_noise_stddev(expected_clients: float, count_stddev: float | None = None,

@@ -26,7 +26,7 @@ import jax
 import optax
 
 from fedjax_sim.algorithms.blocks import ServerOptimizer, local_training
-from fedjax_sim.engine.contracts import ClientOutput, LocalSchedule, Problem
+from fedjax_sim.engine.contracts import ClientOutput, LocalSchedule, Problem, nonzero
 from fedjax_sim.errors import UserError
 
 
@@ -35,6 +35,7 @@ class FedAvg(ServerOptimizer):
     client_optimizer: optax.GradientTransformation
     server_optimizer: optax.GradientTransformation
     proximal_mu: float = 0.0
+    hyperparameters = ("proximal_mu",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -43,7 +44,7 @@ class FedAvg(ServerOptimizer):
 
     def client_update(self, problem: Problem, broadcast, local, rng, client_state=None) -> ClientOutput:
         del client_state
-        pull = (broadcast, self.proximal_mu) if self.proximal_mu else None
+        pull = (broadcast, self.proximal_mu) if nonzero(self.proximal_mu) else None
         params, metrics = local_training(problem, self.client_optimizer, local, rng, broadcast,
                                          pull=pull)
         delta = jax.tree_util.tree_map(lambda g, c: g - c, broadcast, params)

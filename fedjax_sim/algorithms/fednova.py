@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.blocks import ServerOptimizer, local_training
-from fedjax_sim.engine.contracts import ClientOutput, LocalSchedule, Problem, RoundSums
+from fedjax_sim.engine.contracts import ClientOutput, LocalSchedule, Problem, RoundSums, nonzero
 from fedjax_sim.errors import UserError
 
 PyTree = Any
@@ -43,6 +43,7 @@ class FedNova(ServerOptimizer):
     server_optimizer: optax.GradientTransformation
     momentum: float = 0.0
     proximal_mu: float = 0.0
+    hyperparameters = ("learning_rate", "proximal_mu")
     client_dp = "each client also sends its number of local steps, which client-level DP does not protect"
 
     def __post_init__(self):
@@ -66,14 +67,14 @@ class FedNova(ServerOptimizer):
         rho, mu, lr = self.momentum, self.proximal_mu, self.learning_rate
         if rho:
             return (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)
-        if mu:
+        if nonzero(mu):
             return (1 - (1 - lr * mu) ** tau) / (lr * mu)
         return tau
 
     def client_update(self, problem: Problem, broadcast, local, rng, client_state=None) -> ClientOutput:
         del client_state
         opt = optax.sgd(self.learning_rate, momentum=self.momentum or None)
-        pull = (broadcast, self.proximal_mu) if self.proximal_mu else None
+        pull = (broadcast, self.proximal_mu) if nonzero(self.proximal_mu) else None
         params, metrics = local_training(problem, opt, local, rng, broadcast, pull=pull)
         work = jnp.maximum(self.local_work(local.real_steps()), 1e-12)
         direction = jax.tree_util.tree_map(lambda g, c: (g - c) / work.astype(g.dtype),

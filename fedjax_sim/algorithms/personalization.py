@@ -159,6 +159,7 @@ class Ditto(ServerOptimizer):
     lam: float = 0.1
     personal_optimizer: optax.GradientTransformation | None = None
     personalized = True
+    hyperparameters = ("lam",)
 
     def __post_init__(self):
         super().__post_init__()

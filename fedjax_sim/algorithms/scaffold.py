@@ -46,6 +46,7 @@ class Scaffold(Algorithm):
     learning_rate: float
     server_optimizer: optax.GradientTransformation
     weighting: str = dataclasses.field(default="uniform", kw_only=True)
+    hyperparameters = ("learning_rate",)
     client_dp = ("each client also sends its control-variate change, which client-level DP "
                  "neither clips nor noises")
 

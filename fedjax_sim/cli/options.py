@@ -15,6 +15,7 @@ import optax
 
 from fedjax_sim import aggregators, registry
 from fedjax_sim.data import Preprocess
+from fedjax_sim.engine.hyperparams import inject
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import AdaptiveClipping, SecureAggregation
 from fedjax_sim.simulation import CheckpointOptions, DistributedOptions, EngineOptions, FineTune
@@ -33,9 +34,13 @@ __all__ = ["build_optimizer", "build_algorithm", "privacy_options", "preprocess_
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
     """`{name: 'adam', learning_rate: 1e-3, args: {b1: 0.9}}` -> optax.adam(1e-3, b1=0.9)
-    (name, learning rate and args are checked by validate_config)."""
-    return getattr(optax, cfg["name"])(get(cfg, "learning_rate"),
-                                       **dict(get(cfg, "args", {}) or {}))
+    (name, learning rate and args are checked by validate_config), with its float
+    hyperparameters injected (`optax.inject_hyperparams`): inputs of the compiled round
+    program, so runs that change only them reuse it (engine.hyperparams)."""
+    learning_rate = get(cfg, "learning_rate")
+    if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
+        learning_rate = float(learning_rate)
+    return inject(getattr(optax, cfg["name"]), learning_rate, dict(get(cfg, "args", {}) or {}))
 
 
 def build_algorithm(alg):
