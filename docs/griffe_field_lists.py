@@ -6,6 +6,9 @@ fedjax_sim's docstrings list a class's fields and a function's parameters as lin
     noise_multiplier: z; the noise std on the sum of updates is z·C.
     delta: δ of the (ε, δ) guarantee; keep it well below 1/num_clients.
 
+(a class's function-valued fields also as `name(args) -> result` lines, their description
+indented below).
+
 Markdown would run such lines together into one paragraph. This extension puts a
 Google-style header above every run of two or more such lines whose names are all the
 object's own fields or parameters ("Attributes:" for a class, "Args:" for a function),
@@ -21,27 +24,46 @@ import griffe
 
 # `name: text`, `a / b: text` (several fields described together), `name (note): text`.
 ITEM = re.compile(r"^(?P<names>\w+(?:\s*/\s*\w+)*)(?:\s*\((?P<note>[^)]*)\))?: (?P<text>.*)$")
+# `name(args) -> result` (a class's function-valued field, described on the lines below).
+SIGNATURE = re.compile(r"^(?P<names>\w+)\(.*$")
 
 
-def _item(line: str, known: set[str], several: bool):
+def _split_signature(line: str) -> tuple[str, str]:
+    """`name(args) -> result: text` into the signature and the text (at the first ': '
+    after '->' outside parentheses; all signature when there is none)."""
+    depth, start = 0, line.find("->")
+    for i in range(max(start, 0), len(line) - 1):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(line[i], 0)
+        if start >= 0 and depth == 0 and line[i:i + 2] == ": ":
+            return line[:i], line[i + 2:]
+    return line, ""
+
+
+def _item(line: str, known: set[str], for_class: bool):
     """(names, note, text) when `line` starts an item naming only `known` names."""
     match = ITEM.match(line)
+    if not match and for_class and (signature := SIGNATURE.match(line)):
+        if signature["names"] not in known:
+            return None
+        code, text = _split_signature(line)
+        quote = "``" if "`" in code else "`"
+        return [signature["names"]], None, f"{quote}{code}{quote}" + (f": {text}" if text else "")
     if not match:
         return None
     names = [n.strip() for n in match["names"].split("/")]
-    if not set(names) <= known or (len(names) > 1 and not several):
+    if not set(names) <= known or (len(names) > 1 and not for_class):
         return None
     return names, match["note"], match["text"]
 
 
-def with_field_lists(text: str, known: set[str], header: str, several: bool) -> str:
+def with_field_lists(text: str, known: set[str], header: str, for_class: bool) -> str:
     """`text` with a `header` line above each run of >= 2 items, the run indented under it."""
     lines, out, i = text.split("\n"), [], 0
     while i < len(lines):
         starts_paragraph = i == 0 or not lines[i - 1].strip()
         run, j = [], i
         while starts_paragraph and j < len(lines):
-            item = _item(lines[j], known, several)
+            item = _item(lines[j], known, for_class)
             if item is None:
                 break
             names, note, rest = item
@@ -72,10 +94,10 @@ class FieldLists(griffe.Extension):
     def on_class_members(self, *, cls: griffe.Class, **kwargs) -> None:
         if cls.docstring:
             cls.docstring.value = with_field_lists(cls.docstring.value, set(cls.members),
-                                                   "Attributes:", several=True)
+                                                   "Attributes:", for_class=True)
 
     def on_function_instance(self, *, func: griffe.Function, **kwargs) -> None:
         if func.docstring:
             known = {p.name for p in func.parameters}
             func.docstring.value = with_field_lists(func.docstring.value, known, "Args:",
-                                                    several=False)
+                                                    for_class=False)

@@ -4,6 +4,7 @@ in docs/ is in the navigation, and the links of README.md and the pages' links t
 of the repository point at files (and headings) that exist."""
 
 import dataclasses
+import importlib.util
 import os
 import re
 import subprocess
@@ -77,6 +78,26 @@ def test_docs_links_to_repository_files_resolve():
         for path, anchor in GITHUB_FILE.findall(open(os.path.join(DOCS, page)).read()):
             _check_target(f"docs/{page}", os.path.join(REPO, path), anchor[1:], problems)
     assert not problems, "\n".join(problems)
+
+
+def test_field_lists_get_a_section_header():
+    """docs/griffe_field_lists.py turns `name: text` runs into Google sections, and leaves
+    prose, single items and unknown names alone."""
+    pytest.importorskip("griffe", reason="pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location("field_lists",
+                                                  os.path.join(DOCS, "griffe_field_lists.py"))
+    field_lists = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(field_lists)
+    text = ("What it is.\n\nrate: how fast\n  it learns.\nsize (CPU): how many.\n"
+            "Returns something.\n\nrate: alone\n\nother: x\nsize: y")
+    assert field_lists.with_field_lists(text, {"rate", "size"}, "Args:", for_class=False) == (
+        "What it is.\n\nArgs:\n    rate: how fast\n        it learns.\n"
+        "    size: (CPU) how many.\n\nReturns something.\n\nrate: alone\n\nother: x\nsize: y")
+    fields = "init(params) -> state\nreduce(x: int) -> (a, b: c), or None: the default\n  sum."
+    assert field_lists.with_field_lists(fields, {"init", "reduce"}, "Attributes:",
+                                        for_class=True) == (
+        "Attributes:\n    init: `init(params) -> state`\n"
+        "    reduce: `reduce(x: int) -> (a, b: c), or None`: the default\n        sum.")
 
 
 @pytest.mark.slow  # 7-12 s on 2 cores; .ci/run builds the site after the default suite
