@@ -100,7 +100,7 @@ def test_field_lists_get_a_section_header():
         "    reduce: `reduce(x: int) -> (a, b: c), or None`: the default\n        sum.")
 
 
-@pytest.mark.slow  # 7-12 s on 2 cores; .ci/run builds the site after the default suite
+@pytest.mark.slow  # ~5 s of CPU, 9-13 s on a busy 2-core machine; .ci/run builds the site too
 def test_site_builds_strict(tmp_path):
     for module in ("mkdocs", "material", "mkdocstrings_handlers.python"):
         pytest.importorskip(module, reason="pip install -e '.[docs]'")
