@@ -36,7 +36,8 @@ differing round, key and values are printed; the exit status is 1 if any config 
 or is missing from one side (`--only NAME ...` compares only those configs).
 
 Checking the documentation (`--check`): each config docstring's claim and its row of the
-README's "Shipped configs" table must be within `--tolerance` (0.002, as the slow test) of
+"Shipped configs" table (docs/configs-and-cli.md; README.md in checkouts older than the
+docs/ pages) must be within `--tolerance` (0.002, as the slow test) of
 the measured value; the secondary numbers the docstring and table state (the personal
 and fine-tuned accuracies, ε, FedAvg's accuracy quoted by a FedProx config) must round to
 the measured value or be within the tolerance. The documented seconds (`in about N s`,
@@ -73,7 +74,10 @@ CLAIM_KEYS = {"personal accuracy": "client_personal_accuracy_mean",
               "accuracy": "test_accuracy", "MSE": "test_mse"}
 DOC_SECONDS = re.compile(r"in about ([0-9]+) s\b")
 
-# README table row: | `name.py` | what | result |; the result cell's first number is the claim.
+# The page that holds the "Shipped configs" table; README.md held it before docs/ existed.
+TABLE_PAGES = ("docs/configs-and-cli.md", "README.md")
+
+# Table row: | `name.py` | what | result |; the result cell's first number is the claim.
 README_CLAIM = re.compile(r"(?:test acc|personal acc|test MSE) ([0-9.]+)")
 README_SECONDS = re.compile(r", ([0-9]+) s\s*$")
 
@@ -341,10 +345,19 @@ def _readme_row(text, name):
     return cell, m.end()  # span of the result cell (up to the line end)
 
 
+def table_page(repo):
+    """The file of `repo` that holds the "Shipped configs" table (TABLE_PAGES, in order)."""
+    for page in TABLE_PAGES:
+        path = os.path.join(repo, page)
+        if os.path.isfile(path):
+            return path
+    raise SystemExit(f"no {' or '.join(TABLE_PAGES)} in {repo}")
+
+
 def check_and_update(repo, results, tolerance, update, keep_seconds):
     """Compares (and with `update` rewrites) the numbers in the config docstrings and the
-    README table; returns the number of mismatches found before any rewrite."""
-    readme_path = os.path.join(repo, "README.md")
+    "Shipped configs" table; returns the number of mismatches found before any rewrite."""
+    readme_path = table_page(repo)
     readme = open(readme_path).read()
     bad = 0
     lines = []
@@ -415,12 +428,12 @@ def check_and_update(repo, results, tolerance, update, keep_seconds):
 
         span = _readme_row(readme, name)
         if span is None:
-            note(name, "README", "table row", "none", None, False)
+            note(name, "table", "table row", "none", None, False)
             continue
         cell = readme[span[0]:span[1]]
         key = key or entry.get("claim_key")
         # The cell's text without the closing "|" is a prefix of it: the offsets hold.
-        edits = documented(name, entry, "README", cell, README_CLAIM.search(cell), 1, key,
+        edits = documented(name, entry, "table", cell, README_CLAIM.search(cell), 1, key,
                            README_SECONDARY, README_SECONDS.search(cell.rstrip().removesuffix("|")))
         if update:
             for start, end, rep in sorted(edits, reverse=True):
@@ -449,7 +462,7 @@ def main(argv=None):
     p.add_argument("--metrics-dir", metavar="DIR",
                    help="copy each metrics.jsonl to DIR/<config>.jsonl")
     p.add_argument("--repo", default=REPO, help="the checkout whose fedjax_sim, configs and "
-                                                "README to use (default: %(default)s)")
+                                                "docs to use (default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="compare the results with the documented ones")
     p.add_argument("--update", action="store_true",

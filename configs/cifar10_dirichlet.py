@@ -11,7 +11,8 @@ a ResNet-18 with GroupNorm (2 groups), here with the CIFAR stem (3x3 conv, no ma
 for 32x32 inputs (set model.name='cnn' for the small EMNIST CNN instead).
 
 Needs the dataset: the first run downloads and prepares it through tensorflow-datasets
-into data.data_dir (default ~/tensorflow_datasets; see the README's "Public datasets").
+into data.data_dir (default ~/tensorflow_datasets; see docs/data.md, "Public and
+natural datasets").
 Images stay uint8 on the device (147 MiB for the training set) and are converted and
 augmented inside each local step.
 """

@@ -4,7 +4,7 @@
         --config.model.pretrained.path=resnet50.safetensors
 
 A torchvision/timm ResNet-50 pretrained on ImageNet (a safetensors file with torchvision
-names; see the README's "Federated transfer learning" for how to get one) loses its
+names; see docs/models.md, "Federated transfer learning", for how to get one) loses its
 1000-class `fc` (the file's head has another shape, so it is skipped and reported) and
 gets a new 10-class head, here with a hidden ReLU layer of 512 units
 (`model.args.head_hidden`; 0 for a single dense layer). CIFAR-10's 50,000 training images
@@ -20,8 +20,8 @@ train the head alone. Compare `model.trainable='layer4+head'` (partial fine-tuni
 or `model.pretrained=None` for random initialisation.
 
 Needs the dataset (downloaded and prepared through tensorflow-datasets on the first run,
-see the README's "Public datasets") and the weights file; an accelerator is advised (the
-feature pass is 50,000 + 10,000 ResNet-50 forward passes at 224x224).
+see docs/data.md, "Public and natural datasets") and the weights file; an accelerator is
+advised (the feature pass is 50,000 + 10,000 ResNet-50 forward passes at 224x224).
 """
 
 import ml_collections

@@ -10,7 +10,7 @@ at 1 (plain FedAvg), 1,500 rounds. Pixels are stored as uint8 and scaled on devi
 
 Needs the files fed_emnist_train.h5 and fed_emnist_test.h5 (TFF's
 `tff.simulation.datasets.emnist.load_data(only_digits=False)` downloads them into
-~/.keras/datasets; see the README's "Natural per-user datasets"). Set data.train_path /
+~/.keras/datasets; see docs/data.md, "Public and natural datasets"). Set data.train_path /
 data.test_path to where they are, and data.only_digits=True for the 10-class version.
 """
 

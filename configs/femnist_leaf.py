@@ -11,7 +11,7 @@ evaluated on their own test split (`client_test_*`).
 Needs LEAF's preprocessed data: in LEAF's data/femnist, run e.g.
 `./preprocess.sh -s niid --sf 0.05 -k 0 -t sample` and point data.train_path /
 data.test_path at the data/train and data/test directories it writes (every .json file
-in a directory is read; see the README's "Natural per-user datasets").
+in a directory is read; see docs/data.md, "Public and natural datasets").
 """
 
 import ml_collections

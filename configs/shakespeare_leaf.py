@@ -13,7 +13,8 @@ handful to tens of thousands of windows, so each takes a fixed 50 steps of 10 se
 
 Needs LEAF's preprocessed data: in LEAF's data/shakespeare, run e.g.
 `./preprocess.sh -s niid --sf 0.2 -k 0 -t sample -tf 0.8` and point data.train_path /
-data.test_path at data/train and data/test (see the README's "Natural per-user datasets").
+data.test_path at data/train and data/test (see docs/data.md, "Public and natural
+datasets").
 The full set is about 4 million windows: with engine.device_data_budget set (e.g.
 '1GiB'), what does not fit stays on the host and each round's clients are streamed.
 """

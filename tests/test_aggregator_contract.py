@@ -113,10 +113,10 @@ def test_a_failed_round_has_no_effect_and_warns():
 
 
 @pytest.mark.slow  # the hand count itself is checked by test_compression.py's byte tests
-def test_readme_compression_example_sends_what_a_hand_count_gives():
-    from test_extending import readme_example
+def test_docs_compression_example_sends_what_a_hand_count_gives():
+    from test_extending import docs_example
 
-    result = readme_example("compressed")["result"]
+    result = docs_example("compressed")["result"]
     d = 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # the MLP 200-200's parameters
     k = -(-d // 10)  # top 10%, rounded up
     index_bits = (d - 1).bit_length()  # 16 bits name one of 55,210 positions

@@ -1,7 +1,8 @@
 """Every shipped config, run in full, reaches the result its docstring states.
 
 Marked slow (about 2 minutes on a 2-core CPU): run with `pytest -m slow`.
-`python benchmarks/config_results.py --update` regenerates the documented numbers.
+`python benchmarks/config_results.py --update` regenerates the documented numbers (the
+configs' docstrings and the "Shipped configs" table of docs/configs-and-cli.md).
 
 Tolerance: XLA:CPU's float results differ in the last bits between CPU models (vector
 width, fused multiply-add), and 200 rounds of training turn that into a different

@@ -1,6 +1,6 @@
-"""Extending fedjax_sim with public names only: the README's trimmed-mean aggregator part
-and its FedDyn algorithm, each run from the README's own code block and checked against a
-plain-numpy (float64) re-implementation.
+"""Extending fedjax_sim with public names only: the trimmed-mean aggregator part of
+docs/aggregators.md and the FedDyn algorithm of docs/algorithms.md, each run from the
+page's own code block and checked against a plain-numpy (float64) re-implementation.
 
 Local training uses full-batch steps (`batch_size=None, local_steps=S`: every step takes
 all of a client's examples), so the numpy reference needs no shuffling; the cohorts come
@@ -27,16 +27,22 @@ from helpers import logreg_grad, toy_clients
 
 FEATURES, CLASSES = 5, 3
 SIZES = [3, 6, 4, 8, 5, 7]
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
 
-def readme_example(name: str) -> dict:
-    """The namespace left by running the README's code block marked `<!-- example: name -->`."""
-    text = open(README).read()
-    match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", text, re.S)
-    assert match, f"README.md has no example block {name!r}"
+def docs_example(name: str) -> dict:
+    """The namespace left by running the code block marked `<!-- example: name -->` in one
+    of the documentation pages (docs/*.md)."""
+    found = []
+    for page in sorted(os.listdir(DOCS)):
+        if page.endswith(".md"):
+            text = open(os.path.join(DOCS, page)).read()
+            found += [(page, m) for m in re.finditer(
+                rf"<!-- example: {name} -->\n```python\n(.*?)```", text, re.S)]
+    assert len(found) == 1, f"docs/*.md should hold one example block {name!r}, found {len(found)}"
+    page, match = found[0]
     namespace: dict = {}
-    exec(compile(match.group(1), f"README.md[{name}]", "exec"), namespace)
+    exec(compile(match.group(1), f"docs/{page}[{name}]", "exec"), namespace)
     return namespace
 
 
@@ -93,7 +99,7 @@ def _apply_flat(w, aggregate):
 
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_trimmed_mean_part_matches_scipy(chunk):
-    trimmed_mean = readme_example("trimmed_mean")["trimmed_mean"]
+    trimmed_mean = docs_example("trimmed_mean")["trimmed_mean"]
     data, model, seed, m = _toy(), logistic_regression((FEATURES,), CLASSES), 4, 5
     alg = fs.algorithms.fedavg(optax.sgd(LR), local_epochs=None, local_steps=STEPS,
                                batch_size=None, weighting="uniform")
@@ -110,7 +116,7 @@ def test_trimmed_mean_part_matches_scipy(chunk):
 
 
 def test_trimmed_mean_part_ignores_poisson_padding_slots():
-    trimmed_mean = readme_example("trimmed_mean")["trimmed_mean"]
+    trimmed_mean = docs_example("trimmed_mean")["trimmed_mean"]
     data, model = _toy(), logistic_regression((FEATURES,), CLASSES)
     alg = fs.algorithms.fedavg(optax.sgd(LR), local_epochs=None, local_steps=STEPS,
                                batch_size=None, weighting="uniform")
@@ -138,14 +144,14 @@ def test_trimmed_mean_part_ignores_poisson_padding_slots():
 
 
 def test_a_chain_holds_one_reducing_part():
-    trimmed_mean = readme_example("trimmed_mean")["trimmed_mean"]
+    trimmed_mean = docs_example("trimmed_mean")["trimmed_mean"]
     with pytest.raises(fs.UserError, match="one part that reduces"):
         fs.aggregators.chain(trimmed_mean(0.1), trimmed_mean(0.2))
 
 
 # -- FedDyn -------------------------------------------------------------------------------
-def test_readme_feddyn_matches_numpy_with_partial_participation():
-    FedDyn = readme_example("feddyn")["FedDyn"]
+def test_docs_feddyn_matches_numpy_with_partial_participation():
+    FedDyn = docs_example("feddyn")["FedDyn"]
     data, model, seed, m, rounds = _toy(), logistic_regression((FEATURES,), CLASSES), 1, 3, 3
     lr, alpha, steps = 0.2, 0.5, 3
     alg = FedDyn(learning_rate=lr, alpha=alpha, batch_size=None, local_epochs=None,

@@ -17,7 +17,7 @@ it in `reports` (so `gaussian` reads the clip norm that `clip` used this round).
 
 An `AggregatorPart` (its contract: `fedjax_sim.engine.contracts`) is a triple of pure
 functions with explicit state, plus an optional `reduce` for parts that need every
-client's update at once (a median, a trimmed mean: the README shows one); `chain`
+client's update at once (a median, a trimmed mean: docs/aggregators.md shows one); `chain`
 composes parts: client transforms apply in order, then the reduction (the streaming
 weighted sum, or the chain's one reducing part), then the finalizers in order. The
 differentially private parts (`clip`, `adaptive_clip`, `gaussian`, `dp_fedavg`) are in

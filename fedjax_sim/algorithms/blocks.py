@@ -9,8 +9,9 @@ made of them).
   server state is (params, optimizer state), clients receive the params, and the
   round's aggregate is a pseudo-gradient for `server_optimizer`.
 
-The contract an algorithm implements is `fedjax_sim.engine.contracts.Algorithm`; the
-README's "Writing your own algorithm" walks through one (FedDyn) built from these.
+The contract an algorithm implements is `fedjax_sim.engine.contracts.Algorithm`;
+docs/algorithms.md, "Writing your own algorithm", walks through one (FedDyn) built from
+these.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Builds a simulation from a config and runs it: the config-file face of `simulate()`.
 
-Config layout (see configs/*.py; the README lists every key):
+Config layout (see configs/*.py; docs/configs-and-cli.md lists every key):
 
     seed, rounds, clients_per_round, eval_every, task, batch_norm, feature_cache,
     evaluate_initial (also evaluate the initial model, logged as round 0)

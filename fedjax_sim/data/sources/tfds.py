@@ -287,7 +287,8 @@ def load_tfds(
       data_dir: the TFDS data folder; None uses TFDS's default.
       download: call `download_and_prepare` when the dataset is not on disk yet; with
         False a missing dataset is an error.
-      train_split, test_split: TFDS split specs, e.g. 'train', 'test', 'train[:90%]'.
+      train_split: the TFDS split spec to train on, e.g. 'train' or 'train[:90%]'.
+      test_split: the TFDS split spec to test on, e.g. 'test'.
       image_key: the `Image` feature to use; detected when None.
       label_key: the `ClassLabel` feature to use (e.g. 'coarse_label' for cifar100);
         defaults to 'label'.
@@ -364,8 +365,12 @@ def tfds(
       partition: a partitioner name: 'iid', 'dirichlet', 'shards', 'quantity_skew'.
       seed: seeds the partition and the per-client holdout.
       partition_args: the partitioner's parameters, e.g. {'alpha': 0.1} for 'dirichlet'.
-      data_dir, download, label_key, image_key, train_split, test_split: as in
-        `load_tfds`.
+      data_dir: as in `load_tfds`.
+      download: as in `load_tfds`.
+      label_key: as in `load_tfds`.
+      image_key: as in `load_tfds`.
+      train_split: as in `load_tfds`.
+      test_split: as in `load_tfds`.
       client_test_fraction: in [0, 1); 0 keeps every client example for training.
 
     Returns:

@@ -119,8 +119,9 @@ def load_pretrained(
     """Loads pretrained weights from `path` into copies of a model's `params` and `state`.
 
     Args:
-      params, state: the model's initial trees (`model.init(rng)`); they define which
-        leaves exist, their shapes and dtypes. They are not modified.
+      params: the model's initial parameters (`params, state = model.init(rng)`); with
+        `state`, they define which leaves exist, their shapes and dtypes. Not modified.
+      state: the model's initial state (see `params`). Not modified.
       path: a .safetensors or .npz file, or a fedjax_sim orbax directory (`Result.save`).
         PyTorch pickles (.pth, .pt, .bin, .ckpt, or pickle / torch-zip content) are refused.
       format: 'auto' (by content and extension), 'safetensors', 'npz' or 'orbax'.
