@@ -74,10 +74,11 @@ def _flat(tree):
 
 
 def _sgd(lr):
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+    return fs.algorithms.tunable(optax.sgd, learning_rate=lr)
 
 
 def test_changing_an_injected_learning_rate_neither_traces_nor_compiles():
+    # optax.inject_hyperparams directly, or through fs.algorithms.tunable
     _run(fs.algorithms.fedavg(_sgd(0.3), optax.inject_hyperparams(optax.adam)(learning_rate=0.01)))
     with _compiles() as events:
         again = _run(fs.algorithms.fedavg(_sgd(0.1), optax.inject_hyperparams(optax.adam)(

@@ -15,7 +15,7 @@ import optax
 
 from fedjax_sim import aggregators, registry
 from fedjax_sim.data import Preprocess
-from fedjax_sim.engine.hyperparams import inject
+from fedjax_sim.engine.hyperparams import tunable
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import AdaptiveClipping, SecureAggregation
 from fedjax_sim.simulation import CheckpointOptions, DistributedOptions, EngineOptions, FineTune
@@ -40,7 +40,8 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
     learning_rate = get(cfg, "learning_rate")
     if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
         learning_rate = float(learning_rate)
-    return inject(getattr(optax, cfg["name"]), learning_rate, dict(get(cfg, "args", {}) or {}))
+    return tunable(getattr(optax, cfg["name"]), learning_rate=learning_rate,
+                   **dict(get(cfg, "args", {}) or {}))
 
 
 def build_algorithm(alg):

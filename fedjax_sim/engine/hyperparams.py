@@ -9,8 +9,9 @@ means another program, and compiling it again. An optimizer made with
 The engine passes such an optimizer's values (and an algorithm's other declared numbers,
 e.g. FedProx's mu: `Algorithm.hyperparameters`) into the round program as arguments and
 rebuilds the optimizer from them inside the program (`with_values`), so a run that changes
-only these values reuses the compiled program (engine.program_cache). The config loader
-builds every optimizer this way.
+only these values reuses the compiled program (engine.program_cache). `tunable(optax.adam,
+learning_rate=1e-3)` injects every float argument; the config loader builds every
+optimizer this way.
 
 `injected(tx)` recognises such an optimizer (None for any other transformation);
 `values(tx)` gives its numeric hyperparameters as float32 arrays.
@@ -95,9 +96,12 @@ def skeleton(tx: Any) -> tuple | None:
             parts.schedules, parts.dtype)
 
 
-def inject(factory, learning_rate, args: dict) -> optax.GradientTransformation:
-    """`factory(learning_rate, **args)` with its float arguments injected (runtime inputs
-    of the round program) and the others (integers, booleans, strings, None) static."""
-    kwargs = {"learning_rate": learning_rate, **args}
+def tunable(factory, **kwargs) -> optax.GradientTransformation:
+    """`factory(**kwargs)` (an optax optimizer factory, e.g. `optax.adam`) with its float
+    arguments injected: inputs of the round program, so runs that change only them reuse
+    the compiled program. Integers, booleans, strings and None stay constants.
+
+        fs.algorithms.fedavg(fs.algorithms.tunable(optax.sgd, learning_rate=0.1, momentum=0.9))
+    """
     static = tuple(k for k, v in kwargs.items() if not _is_float(v))
     return optax.inject_hyperparams(factory, static_args=static)(**kwargs)
