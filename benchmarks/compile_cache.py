@@ -9,7 +9,9 @@ engine/compilation_cache.py).
 Each contender runs in a fresh Python process with its own empty cache directory:
 
 - `cache on`: call 1 (nothing cached), call 2 the identical run, call 3 with only the client
-  learning rate changed, call 4 with the server learning rate and the seed changed; then a second fresh process runs call 1 again.
+  learning rate changed, call 4 with the server learning rate changed, call 5 with the
+  seed changed (the seed also draws the Dirichlet partition, so the client sizes and with
+  them the program's shapes change: it compiles); then a second fresh process runs call 1 again.
 - `cache off` (FEDJAX_SIM_COMPILATION_CACHE=0): the same calls; the in-process cache is
   still on (it cannot be turned off: it only ever reuses a program built alike).
 
@@ -63,8 +65,8 @@ CALLS = [
     ("1: first call", {}),
     ("2: identical call", {}),
     ("3: client learning rate changed", {"algorithm.client_optimizer.learning_rate": "0.05"}),
-    ("4: server learning rate and seed changed",
-     {"algorithm.server_optimizer.learning_rate": "0.9", "seed": "7"}),
+    ("4: server learning rate changed", {"algorithm.server_optimizer.learning_rate": "0.9"}),
+    ("5: seed changed (a new partition: other client sizes)", {"seed": "7"}),
 ]
 
 
