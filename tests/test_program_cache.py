@@ -170,3 +170,42 @@ def test_injected_optimizer_rebuilt_from_values_updates_like_the_original():
         u2, s2 = reference.update(grads, s2, params)
         np.testing.assert_allclose(u1["w"], u2["w"], rtol=2e-5)
     assert hyperparams.injected(optax.sgd(0.1)) is None
+
+
+FRESH_PROCESS = r"""
+import json, sys
+import numpy as np
+from fedjax_sim.cli.config import load_config
+from fedjax_sim.cli.experiment import run
+config = load_config(sys.argv[1], {"rounds": "3", "eval_every": "3",
+                                   "algorithm.client_optimizer.learning_rate": "0.05"})
+result = run(config, None, progress=False)
+flat = np.concatenate([np.ravel(np.asarray(v)) for v in __import__("jax").tree_util.tree_leaves(result.params)])
+print(json.dumps({"history": result.history, "params": flat.tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_config_with_a_changed_learning_rate_equals_a_fresh_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fedjax_sim.cli.config import load_config
+    from fedjax_sim.cli.experiment import run
+
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits_fedavg.py")
+    runs = []
+    for lr in ("0.1", "0.05"):
+        overrides = {"rounds": "3", "eval_every": "3",
+                     "algorithm.client_optimizer.learning_rate": lr}
+        with _compiles() as events:
+            runs.append(run(load_config(config, overrides), None, progress=False))
+    assert events[COMPILE] == 0 and runs[1].summary["engine"]["program_cache"] == "hit"
+    env = dict(os.environ, FEDJAX_SIM_COMPILATION_CACHE="0")
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, config], env=env, check=True,
+                          capture_output=True, text=True)
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_array_equal(_flat(runs[1].params), np.asarray(fresh["params"], np.float32))
+    assert json.loads(json.dumps(runs[1].history)) == fresh["history"]
