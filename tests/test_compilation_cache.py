@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 CHILD = r"""
 import json
 import jax, jax.numpy as jnp
@@ -30,6 +32,7 @@ def _child(**env):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_fresh_process_reads_back_what_an_earlier_one_compiled(tmp_path):
     first = _child(XDG_CACHE_HOME=str(tmp_path))
     assert first["dir"] == str(tmp_path / "fedjax_sim" / "xla") and first["hits"] == 0

@@ -38,6 +38,7 @@ def _emnist_files(tmp_path, rng):
     return train, test
 
 
+@pytest.mark.slow
 def test_emnist_tff_config(tmp_path, capsys):
     train, test = _emnist_files(tmp_path, np.random.default_rng(0))
     summary = _train(capsys, "emnist_tff.py", tmp_path / "run", f"--config.data.train_path={train}",
@@ -58,6 +59,7 @@ def _femnist_dir(path, rng, users):
     return str(path)
 
 
+@pytest.mark.slow
 def test_femnist_leaf_config_with_heldout_writers(tmp_path, capsys):
     rng = np.random.default_rng(1)
     users = [(f"f_{i}", n) for i, n in enumerate([8, 12, 6, 10, 9, 7, 11, 5, 10, 8])]
@@ -83,6 +85,7 @@ def _shakespeare_dir(path, rng, users):
     return str(path)
 
 
+@pytest.mark.slow
 def test_shakespeare_leaf_config(tmp_path, capsys):
     rng = np.random.default_rng(2)
     users = [(f"THE_TEMPEST_{r}", n) for r, n in zip("ABCDE", [6, 9, 4, 7, 5])]
