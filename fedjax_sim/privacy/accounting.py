@@ -24,8 +24,10 @@ overflow probability is negligible.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import numbers
 import typing
@@ -218,6 +220,21 @@ def default_cap(population: int, sampling_rate: float, overflow: float = 1e-12) 
     return max(cap, 1)
 
 
+@contextlib.contextmanager
+def quiet_rdp_warnings():
+    """Hides dp_accounting's warnings that a fractional RDP order's series did not converge
+    (small orders at small noise multipliers): the order is left out of the minimum over
+    orders, which keeps ε a valid upper bound, and the warning repeats for every curve built
+    (every round's, every noise multiplier a calibration tries)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Accountant:
     """ε(δ) of `count` applications of `mechanism`, computed by dp_accounting.
 
@@ -286,7 +303,8 @@ class Accountant:
         # curve, the same sum RdpAccountant forms. Read the curve from the accountant's
         # state; if a future dp_accounting renames it, fall back to composing per count.
         acc = self._fresh_rdp()
-        acc.compose(self.mechanism.event())
+        with quiet_rdp_warnings():
+            acc.compose(self.mechanism.event())
         if not (hasattr(acc, "_orders") and hasattr(acc, "_rdp")):
             return None
         return np.array(acc._orders, dtype=np.float64), np.array(acc._rdp, dtype=np.float64)
@@ -303,7 +321,8 @@ class Accountant:
         import dp_accounting
 
         acc = self._fresh_rdp()
-        acc.compose(dp_accounting.SelfComposedDpEvent(self.mechanism.event(), count))
+        with quiet_rdp_warnings():
+            acc.compose(dp_accounting.SelfComposedDpEvent(self.mechanism.event(), count))
         return float(acc.get_epsilon(delta))
 
     def _pld_epsilon(self, count: int, delta: float) -> float:
@@ -451,10 +470,12 @@ def calibrate_noise(target_epsilon: float, *, rounds: int, delta: float,
                                                value_discretization_interval=pld_discretization)
 
     try:
-        z = dp_accounting.calibrate_dp_mechanism(
-            make_accountant, make_event, target_epsilon=float(target_epsilon),
-            target_delta=float(delta),
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=float(tolerance))
+        with quiet_rdp_warnings():
+            z = dp_accounting.calibrate_dp_mechanism(
+                make_accountant, make_event, target_epsilon=float(target_epsilon),
+                target_delta=float(delta),
+                bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0),
+                tol=float(tolerance))
     except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError as e:
         raise UserError(f"no noise multiplier up to 2^30 reaches target_epsilon = "
                         f"{target_epsilon:g} at delta = {delta:g}: raise target_epsilon or "
