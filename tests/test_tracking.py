@@ -289,6 +289,17 @@ def test_plot_draws_each_runs_metric_by_round(runs):
     assert list(lines[0][1]) == [0, 4, 8] and list(lines[1][1]) == [4, 8]
 
 
+def test_plot_figure_shows_in_a_notebook(runs):
+    """A cell ending with fs.plot(...) shows the figure: IPython's formatter finds a PNG
+    (the Figure is not registered with pyplot, so it needs its own _repr_png_)."""
+    formatters = pytest.importorskip("IPython.core.formatters")
+    fig = fs.plot(runs["root"] / "a", metric="test_accuracy")
+    data, _ = formatters.DisplayFormatter().format(fig)
+    png = data["image/png"]
+    png = png if isinstance(png, bytes) else __import__("base64").b64decode(png)
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
 def test_plot_by_uplink_bytes_and_training_time(runs):
     root = runs["root"]
     fig = fs.plot({"A": runs["a"], "B": root / "b"}, metric="train_loss", x="uplink_bytes")

@@ -11,6 +11,7 @@ returned; `out=` also writes them to a file (PNG, PDF, SVG by its extension).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -125,7 +126,17 @@ def _figure():
     except ImportError:
         raise UserError(f"plotting needs matplotlib, which is not installed; install it with "
                         f"{PLOT_EXTRA}") from None
-    fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
+
+    class NotebookFigure(Figure):
+        """A Figure that a notebook (Jupyter, Colab) shows when a cell returns it, without
+        pyplot's global state."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png")
+            return buffer.getvalue()
+
+    fig = NotebookFigure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
