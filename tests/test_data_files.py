@@ -171,6 +171,14 @@ def test_load_tff_h5_generic(tmp_path):
     assert set(only.features) == {"label"} and only.client_ids == ("a", "b", "c2")
 
 
+def test_missing_h5py_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"")
+    monkeypatch.setitem(__import__("sys").modules, "h5py", None)  # import h5py fails
+    with pytest.raises(UserError, match=r"needs h5py.*pip install 'fedjax_sim\[tff\]'"):
+        tff_h5.load_tff_h5(str(path))
+
+
 def test_tff_emnist_train_test(tmp_path):
     rng = np.random.default_rng(1)
     train_w = emnist_clients(rng, {"f0002": 3, "f0001": 2, "f0010": 4})

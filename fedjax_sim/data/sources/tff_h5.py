@@ -84,7 +84,11 @@ def _read_tff(path: PathLike, features: Sequence[str] | None,
     goes into the concatenated array; other numeric features are read straight into it.
     Either way each client dataset is read once and the output arrays are allocated once.
     """
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise UserError("reading TensorFlow Federated .h5 files needs h5py, which is not "
+                        "installed; install it with pip install 'fedjax_sim[tff]'") from None
 
     path = existing(path, "HDF5 file")
     if os.path.isdir(path) or not h5py.is_hdf5(path):
