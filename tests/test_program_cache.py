@@ -62,10 +62,10 @@ def _data():
     return FederatedData({"x": x, "y": y}, offsets, tuple(f"c{i}" for i in range(6)))
 
 
-def _run(algorithm, **kwargs):
+def _run(algorithm, seed=1, **kwargs):
     model = _model()
     x, y, _ = toy_clients([30], features=6, classes=3, seed=5)
-    return fs.simulate(model, algorithm, _data(), rounds=3, clients_per_round=3, seed=1,
+    return fs.simulate(model, algorithm, _data(), rounds=3, clients_per_round=3, seed=seed,
                        eval_data={"x": x, "y": y}, eval_every=3, progress=False, **kwargs)
 
 
@@ -96,6 +96,20 @@ def test_changing_an_injected_learning_rate_neither_traces_nor_compiles():
     # constants, so the same up to float32 round-off).
     plain = _run(fs.algorithms.fedavg(optax.sgd(0.1), optax.adam(0.02)))
     np.testing.assert_allclose(_flat(again.params), _flat(plain.params), rtol=1e-5, atol=2e-6)
+
+
+def test_changing_the_seed_neither_traces_nor_compiles():
+    # The seed reaches the model's state too (the MLP's dropout key): that state is an
+    # input of the round program, not a constant of it.
+    _run(fs.algorithms.fedavg(_sgd(0.3)), seed=1)
+    with _compiles() as events:
+        again = _run(fs.algorithms.fedavg(_sgd(0.3)), seed=2)
+    assert events[TRACE] == 0 and events[COMPILE] == 0, dict(events)
+    assert again.summary["engine"]["program_cache"] == "hit"
+    program_cache.clear()
+    fresh = _run(fs.algorithms.fedavg(_sgd(0.3)), seed=2)
+    np.testing.assert_array_equal(_flat(again.params), _flat(fresh.params))
+    assert again.history == fresh.history
 
 
 @pytest.mark.slow

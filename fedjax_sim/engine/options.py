@@ -115,8 +115,10 @@ def client_step_flops(problem, params, batch: dict) -> float:
     """FLOPs of one client's local step (loss + gradient), from XLA's cost analysis of the
     lowered program (nothing is compiled); NaN where the backend gives no estimate.
     Remembered for the process (engine.program_cache)."""
+    # The model state's values (e.g. the seed's dropout key) leave the cost unchanged.
+    shape_only = problem._replace(model_state=program_cache.signature(problem.model_state))
     return program_cache.memoized(lambda: _client_step_flops(problem, params, batch),
-                                  "client_step_flops", problem,
+                                  "client_step_flops", shape_only,
                                   program_cache.signature((params, batch)))
 
 

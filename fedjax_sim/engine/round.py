@@ -368,7 +368,12 @@ class RoundProgram:
         program is built from except the algorithm's runtime hyperparameters, and the
         shapes, dtypes and placements of `args`."""
         algorithm = self.algorithm
-        built = (self.problem, self.aggregator, self.preprocess, self.schedule,
+        # The round replaces the problem's model state with the traced one it is called
+        # with (`_round`), so only its shapes count, not its values (e.g. the seed's
+        # dropout key).
+        problem = self.problem._replace(
+            model_state=program_cache.signature(self.problem.model_state))
+        built = (problem, self.aggregator, self.preprocess, self.schedule,
                  self.num_clients, self.max_client_size, self.sampling, self.clients_per_chunk,
                  self.unroll, self.stats_mode, self.mesh)
         return (type(self), program_cache.structural_key(algorithm, tuple(algorithm.hyperparams())),
