@@ -50,7 +50,7 @@ import optax
 
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import Problem, fedavg
-from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
+from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule, program_cache
 from fedjax_sim.engine.options import client_step_flops, has_convolution
 from fedjax_sim.models import classification, get_model
 from fedjax_sim.simulation import EngineOptions, resolve_engine
@@ -84,6 +84,7 @@ class EngineRunner:
         self.data, self.mstate, self.root = DeviceData.from_federated(data), mstate, jax.random.key(1)
         self.state = program.init(params)
         self.max_k = self.choice["rounds_per_call"]
+        program_cache.clear()  # a true compile: no program reused from an earlier case or run
         t0 = time.perf_counter()
         self._run = program.compile(self.state, self.data, self.mstate, self.root, self.max_k)
         self.compile_s = time.perf_counter() - t0

@@ -36,7 +36,7 @@ from engine import interleaved, make_data  # noqa: E402
 
 from fedjax_sim.aggregators import weighted_mean  # noqa: E402
 from fedjax_sim.algorithms import Problem, fedavg, fedper  # noqa: E402
-from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule  # noqa: E402
+from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule, program_cache  # noqa: E402
 from fedjax_sim.engine.client_states import HostClientStates, state_bytes  # noqa: E402
 from fedjax_sim.models import classification, get_model  # noqa: E402
 from fedjax_sim.simulation import EngineOptions, resolve_engine  # noqa: E402
@@ -66,6 +66,7 @@ def make_runner(model, algorithm, data, m, batch, placement="device"):
     root = jax.random.key(1)
     state = program.init(params, placement)
     per_call = min(ROUNDS_PER_CALL, choice["rounds_per_call"])
+    program_cache.clear()  # a true compile: no program reused from an earlier population
     t0 = time.perf_counter()
     if placement == "host":
         store = HostClientStates(data.num_clients, per_call * m)

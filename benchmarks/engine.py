@@ -44,7 +44,7 @@ from flax import linen as nn
 from fedjax_sim.aggregators import weighted_mean
 from fedjax_sim.algorithms import Problem, fedavg
 from fedjax_sim.data import FederatedData
-from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule
+from fedjax_sim.engine import DeviceData, RoundProgram, make_schedule, program_cache
 from fedjax_sim.models import classification, from_linen, get_model
 from fedjax_sim.simulation import EngineOptions, resolve_engine
 from fedjax_sim.engine.options import client_step_flops, has_convolution
@@ -88,6 +88,7 @@ def make_engine(model, data, m, batch, options=EngineOptions()):
     root = jax.random.key(1)
     state = program.init(params)
     max_k = choice["rounds_per_call"]
+    program_cache.clear()  # a true compile: no program reused from an earlier case
     t0 = time.perf_counter()
     run = program.compile(state, dd, mstate, root, max_k)
     compile_s = time.perf_counter() - t0
