@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
@@ -361,6 +362,97 @@ class RoundProgram:
             return compiled(state, data, model_state, root, jnp.int32(start), jnp.int32(count),
                             rows, hyper)
 
+        return run
+
+    def compile_trials(self, states: SimState, data: "DeviceData", model_state: PyTree,
+                       roots: jax.Array, hypers: dict, max_rounds: int,
+                       stacked_model_state: bool = False, vmapped: bool = True):
+        """`compile` for a sweep: T trials of this program in one, over a leading trial
+        axis of `states` (every leaf [T, ...]), `roots` ([T] keys: each trial's seed) and
+        `hypers` (the algorithm's runtime hyperparameters, every leaf [T]). The data is
+        shared; the model state too, unless `stacked_model_state` (then it has the trial
+        axis as well, e.g. each seed's dropout key). Returns `run(states, data,
+        model_state, roots, start, count)` -> (new states, metrics [T, max_rounds, ...]).
+
+        `vmapped`: the trials side by side (vmap), or one after another inside the
+        program (`lax.map`: the same results, for steps too heavy to batch profitably).
+        On a mesh (`self.mesh`) the trial axis is split over its devices instead of each
+        cohort: device i runs trials i*T/d .. (i+1)*T/d - 1 with whole cohorts (T must be
+        a multiple of the device count d; the caller pads).
+
+        The trials must be programs built alike (the same `program_key` but for the
+        values of their runtime inputs); the aggregator's state (e.g. a DP clip norm and
+        noise multiplier) is part of each trial's state. Client states and the data stay
+        on the device (no host streaming); `compile` has those."""
+        mesh = self.mesh
+        devices = 1 if mesh is None else mesh.size
+        trials_count = jax.tree_util.tree_leaves(roots)[0].shape[0]
+        if trials_count % devices:
+            raise ValueError(f"{trials_count} trials do not split over {devices} devices")
+        single = self
+        if mesh is not None:  # every trial's cohort on one device, the trials split
+            single = copy.copy(self)
+            single.mesh = None
+            split = NamedSharding(mesh, PartitionSpec(mesh_lib.CLIENTS))
+            whole = mesh_lib.replicated(mesh)
+
+            def place(states, data, model_state, roots):
+                per_trial = lambda tree: jax.tree_util.tree_map(lambda _: split, tree)
+                return mesh_lib.put(
+                    (states, data, model_state, roots),
+                    (per_trial(states), jax.tree_util.tree_map(lambda _: whole, data),
+                     (per_trial if stacked_model_state else
+                      lambda t: jax.tree_util.tree_map(lambda _: whole, t))(model_state),
+                     split))
+
+            states, data, model_state, roots = place(states, data, model_state, roots)
+            hypers = mesh_lib.put(hypers, jax.tree_util.tree_map(lambda _: split, hypers))
+        args = (states, data, model_state, roots, jnp.int32(0), jnp.int32(1), hypers)
+        ms_axis = 0 if stacked_model_state else None
+
+        def trials(states, data, model_state, roots, start, count, hypers):
+            def one(s, m, r, h):
+                return single._run_rounds(s, data, m, r, start, count, None, h,
+                                          max_rounds=max_rounds)
+
+            def group(states, model_state, roots, hypers):
+                if vmapped:
+                    return jax.vmap(one, in_axes=(0, ms_axis, 0, 0))(
+                        states, model_state, roots, hypers)
+                if stacked_model_state:
+                    return jax.lax.map(lambda a: one(*a), (states, model_state, roots, hypers))
+                return jax.lax.map(lambda a: one(a[0], model_state, a[1], a[2]),
+                                   (states, roots, hypers))
+
+            if devices == 1:
+                return group(states, model_state, roots, hypers)
+            # [T, ...] -> [d, T/d, ...]: the outer axis is split over the devices.
+            fold = lambda tree: jax.tree_util.tree_map(
+                lambda x: x.reshape((devices, -1) + x.shape[1:]), tree)
+            unfold = lambda tree: jax.tree_util.tree_map(
+                lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+            out = jax.vmap(group, in_axes=(0, ms_axis, 0, 0))(
+                fold(states), fold(model_state) if stacked_model_state else model_state,
+                fold(roots), fold(hypers))
+            return unfold(out)
+
+        def build():
+            return jax.jit(trials, donate_argnums=(0,)).lower(*args).compile()
+
+        key = ("trials", stacked_model_state, vmapped, devices,
+               single.program_key(args, max_rounds), program_cache.structural_key(mesh))
+        compiled, self.cache_hit = program_cache.PROGRAMS.get_or_compile(key, build)
+
+        def run(states, data, model_state, roots, start, count):
+            if not 1 <= count <= max_rounds:
+                raise ValueError(f"count must be in [1, {max_rounds}], got {count}")
+            if mesh is not None:  # e.g. restored from a checkpoint: on the host
+                states, data, model_state, roots = place(states, data, model_state, roots)
+            return compiled(states, data, model_state, roots, jnp.int32(start),
+                            jnp.int32(count), hypers)
+
+        run.compiled = compiled  # e.g. its memory_analysis()
+        run.devices = devices
         return run
 
     def program_key(self, args: tuple, max_rounds: int) -> tuple:
