@@ -15,12 +15,12 @@ configure_default()  # JAX's persistent compilation cache (engine/compilation_ca
 from fedjax_sim import aggregators, algorithms, data, engine, models, privacy  # noqa: E402
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
-                                   Result, initialize_distributed, simulate)
+                                   Result, initialize_distributed, simulate, sweep)
 from fedjax_sim.simulation.checkpoint import load_params
 from fedjax_sim.simulation.plots import plot
 from fedjax_sim import tracking
 
 __version__ = "0.1.0"
-__all__ = ["compilation_cache", "simulate", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
+__all__ = ["compilation_cache", "simulate", "sweep", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
            "algorithms", "aggregators", "engine", "privacy", "DistributedOptions",
            "initialize_distributed", "plot", "tracking"]

@@ -91,12 +91,23 @@ def _hold_out(train, client_test, heldout, seed):
     return kept, kept_test, ((held, held_test) if held_test.num_clients else held)
 
 
-def build(config: ml_collections.ConfigDict) -> dict:
+def build(config: ml_collections.ConfigDict, data_cache: dict | None = None) -> dict:
     """Everything `simulate()` needs, built from the config after `validate_config` has
-    checked every value (before any data is loaded or anything compiled)."""
+    checked every value (before any data is loaded or anything compiled).
+
+    `data_cache` (a dict kept by the caller, e.g. a sweep): configs whose data section
+    and data seed are the same share one loaded dataset instead of loading it again."""
     validate_config(config)
     seed = _get(config, "seed", 0)
-    train, test, client_test, info = build_data(config.data, seed)
+    if data_cache is None:
+        train, test, client_test, info = build_data(config.data, seed)
+    else:
+        key = json.dumps([config.data.to_dict(), _get(config.data, "seed", seed)],
+                         sort_keys=True, default=str)
+        if key not in data_cache:
+            data_cache[key] = build_data(config.data, seed)
+        train, test, client_test, info = data_cache[key]
+        info = dict(info)
 
     task = get_task(_get(config, "task", "classification"))
     labels = train.features["y"]

@@ -25,6 +25,7 @@ import warnings
 from fedjax_sim.cli.describe import add_describe_parser, run_describe
 from fedjax_sim.cli.plot import add_plot_parser, run_plot
 from fedjax_sim.cli.privacy import add_privacy_parser, run_privacy
+from fedjax_sim.cli.sweep import add_sweep_parser, run_sweep
 from fedjax_sim.errors import UserError
 
 
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     many.add_argument("--num-processes", type=int, default=None)
     many.add_argument("--process-id", type=int, default=None)
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_sweep_parser(sub)
     add_privacy_parser(sub)
     data = sub.add_parser("data", help="inspect the federated data a config builds")
     data_sub = data.add_subparsers(dest="data_command", metavar="{describe}", required=True)
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             args = _parser().parse_args(rest)
             if args.command == "train":
                 return _train(args, overrides)
+            if args.command == "sweep":
+                return run_sweep(args, overrides)
             if args.command == "privacy":
                 return run_privacy(args)
             if args.command == "data" and args.data_command == "describe":

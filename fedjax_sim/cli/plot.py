@@ -3,7 +3,8 @@
     fedjax-sim plot runs/a runs/b ... [--metric test_accuracy] [--x round|seconds|uplink_bytes]
                     [--label A --label B ...] [--title TEXT] [--out fig.png]
 
-Each argument is a run directory (`fedjax-sim train --workdir`). `--metric` is any key of
+Each argument is a run directory (`fedjax-sim train --workdir`), or one sweep directory
+(`fedjax-sim sweep --workdir`: a curve per setting, the mean over seeds with a ± std band). `--metric` is any key of
 the metrics rows (`test_accuracy`, `train_loss`, `epsilon`, `client_test_accuracy_p10`, ...)
 drawn by round, training seconds or cumulative uplink bytes, or a per-client metric
 without a statistic (`client_test_accuracy`) drawn as its distribution over the clients

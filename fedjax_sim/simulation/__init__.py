@@ -9,8 +9,9 @@ from fedjax_sim.simulation.loop import simulate
 from fedjax_sim.simulation.processes import DistributedOptions, initialize as initialize_distributed
 from fedjax_sim.simulation.results import Result
 from fedjax_sim.simulation.setup import BATCH_NORM_MODES, INIT_STREAM, RunRequest
+from fedjax_sim.simulation.sweeps import SweepResult, Trial, sweep
 
 __all__ = ["simulate", "Result", "RunRequest", "EngineOptions", "CheckpointOptions",
            "resolve_engine", "CentralEvaluator", "ClientEvaluator", "Evaluators", "FineTune",
            "summarize_clients", "BATCH_NORM_MODES", "INIT_STREAM", "DistributedOptions",
-           "initialize_distributed"]
+           "initialize_distributed", "sweep", "SweepResult", "Trial"]

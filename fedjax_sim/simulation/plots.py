@@ -169,13 +169,18 @@ def plot(runs, metric: str = "test_accuracy", x: str = "round", out: str | None 
     ('client_test_accuracy', 'client_finetuned_loss', ...) for the distribution over the
     clients of the last evaluation (`plot_clients`).
 
-    runs: a Result, a run directory, a list of them or a dict {label: run}. Returns the
+    runs: a Result, a run directory, a list of them or a dict {label: run}; or a sweep
+    (`fs.sweep`'s SweepResult or its workdir): one curve per setting, the mean over the
+    seeds with a band of ± one standard deviation when seeds were swept. Returns the
     matplotlib Figure; `out` also writes it (PNG, PDF, SVG by the extension)."""
     if client_metric_split(metric) is not None:
         if x != "round":
             raise UserError(f"{metric} is drawn as a distribution over clients, not by {x}; "
                             f"leave x out, or plot a statistic such as {metric}_mean by {x}")
         return plot_clients(runs, metric, out=out, labels=labels, title=title)
+    sweep = sweep_trials(runs)
+    if sweep is not None:
+        return plot_sweep(sweep, metric, x, out=out, title=title)
     runs = gather_runs(runs, labels)
     curves = [curve(run, metric, x) for run in runs]
     fig = _figure()
@@ -191,6 +196,72 @@ def plot(runs, metric: str = "test_accuracy", x: str = "round", out: str | None 
     ax.set_title(title or f"{'ε' if metric == 'epsilon' else metric} by {X_TITLES[x]}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")
+    return _save(fig, out)
+
+
+def sweep_trials(runs) -> list[tuple[dict, Run]] | None:
+    """(settings, Run) of every trial of a sweep — a SweepResult or a directory holding
+    sweep.json and trials/<k>/, alone or as a list of one — or None for anything else."""
+    if isinstance(runs, (list, tuple)) and len(runs) == 1:
+        runs = runs[0]
+    if hasattr(runs, "trials") and hasattr(runs, "table"):  # a SweepResult
+        return [(dict(t.settings), Run(_setting_label(t.settings), t.result.history,
+                                       t.result.summary or {}, t.result.client_metrics))
+                for t in runs.trials]
+    if isinstance(runs, (str, os.PathLike)) and os.path.isfile(
+            os.path.join(os.fspath(runs), "sweep.json")):
+        with open(os.path.join(os.fspath(runs), "sweep.json")) as f:
+            table = json.load(f)
+        grid = list(table["grid"])
+        return [({k: row[k] for k in grid},
+                 read_run(os.path.join(os.fspath(runs), "trials", str(row["trial"])),
+                          _setting_label({k: row[k] for k in grid})))
+                for row in table["trials"]]
+    return None
+
+
+def _setting_label(settings: dict, leave_out: str | None = None) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in settings.items() if k != leave_out)
+
+
+def plot_sweep(trials: list[tuple[dict, Run]], metric: str = "test_accuracy",
+               x: str = "round", out: str | None = None, title: str | None = None):
+    """A sweep's curves grouped by setting: with more than one seed, each setting's mean
+    over its seeds and a band of ± one standard deviation; else a curve per trial.
+    Diverged trials (their metric turns non-finite) are left out of the mean."""
+    seeds = {json.dumps(s.get("seed")) for s, _ in trials}
+    by_seed = "seed" in trials[0][0] and len(seeds) > 1
+    groups: dict[str, list[Run]] = {}
+    for settings, run in trials:
+        key = _setting_label(settings, "seed" if by_seed else None) or "all trials"
+        groups.setdefault(key, []).append(run)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    curves = {key: [curve(run, metric, x) for run in group] for key, group in groups.items()}
+    scale, unit = 1.0, ""
+    if x == "uplink_bytes":
+        scale, unit = _bytes_unit(max(float(c[0].max()) for cs in curves.values() for c in cs))
+    for key, cs in curves.items():
+        n = min(len(c[0]) for c in cs)
+        xs = cs[0][0][:n] / scale
+        ys = np.array([c[1][:n] for c in cs])
+        finite = np.isfinite(ys).all(axis=1)
+        if not finite.any():
+            continue
+        ys = ys[finite]
+        mean = ys.mean(axis=0)
+        label = key if not by_seed else f"{key} (mean of {len(ys)} seeds ± std)"
+        line, = ax.plot(xs, mean, marker="o" if n <= 40 else None, markersize=3,
+                        linewidth=1.5, label=label)
+        if len(ys) > 1:
+            std = ys.std(axis=0, ddof=1)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(X_LABELS[x].format(unit=unit))
+    ax.set_ylabel(metric_label(metric, [run for _, run in trials]))
+    ax.set_title(title or f"{'ε' if metric == 'epsilon' else metric} by {X_TITLES[x]}, "
+                          f"{len(trials)} trials")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
     return _save(fig, out)
 
 
