@@ -154,6 +154,7 @@ def test_a_diverging_trial_is_marked_and_the_others_go_on(digits):
     _assert_same_run(good.result, fs.simulate(**run(lr=0.1), progress=False))
 
 
+@pytest.mark.slow  # several sweeps: over the default suite's budget
 def test_workdir_files_and_a_stopped_sweep_resumes(digits, tmp_path, monkeypatch):
     run = _experiment(digits, rounds=6)
     grid = {"lr": [0.05, 0.2], "seed": [0, 1]}
@@ -344,3 +345,21 @@ def test_readme_sweeps_run(tmp_path, monkeypatch):
         '"runs/', f'"{tmp_path}/py_'), namespace)
     best, aggregate = namespace["sweep"].best(), namespace["sweep"].aggregate()
     assert set(best.settings) == {"lr", "seed"} and len(aggregate) == 4
+
+
+@pytest.mark.slow  # several sweeps: over the default suite's budget
+def test_auto_chunks_halve_a_group_until_its_program_fits(digits, monkeypatch):
+    """On an accelerator 'auto' halves a group until XLA's memory analysis of its program
+    fits the budget; here the budget is set to what a program of 2 trials needs."""
+    run = _experiment(digits, rounds=2)
+    grid = {"lr": [0.05, 0.1], "seed": [0, 1]}
+    plans = [sweep_module._plan(run, s) for s in grid_settings(grid)]
+    two = sweep_module._program_bytes(plans[:2], "vmap")
+    four = sweep_module._program_bytes(plans, "vmap")
+    assert two < four
+    monkeypatch.setattr(sweep_module, "_memory_budget", lambda plan: two)
+    result = fs.sweep(run, grid, trial_axis="vmap", progress=False)
+    assert [g["trials"] for g in result.groups] == [[0, 1], [2, 3]]
+    whole = fs.sweep(run, grid, trial_axis="vmap", max_trials_per_program=None, progress=False)
+    for a, b in zip(result.trials, whole.trials):
+        _assert_same_run(a.result, b.result)

@@ -43,14 +43,25 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("max", "min"), default=None,
                         help="whether the best trial has the largest or smallest --metric "
                              "(default: min for losses and errors, else max)")
-    parser.add_argument("--max-trials-per-program", type=int, default=None, metavar="N",
-                        help="run at most N trials in one program (memory)")
+    parser.add_argument("--max-trials-per-program", type=_trials_per_program, default="auto",
+                        metavar="N",
+                        help="run at most N trials in one program (default auto: as many as "
+                             "fit 80%% of an accelerator's memory; all on CPU)")
     parser.add_argument("--trial-axis", choices=("auto", "vmap", "map"), default="auto",
                         help="run a program's trials side by side (vmap) or one after another "
                              "inside it (map); auto picks by the model's step cost on CPU")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
+
+
+def _trials_per_program(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
 
 
 def parse_sweep(text: str) -> tuple[str, list]:

@@ -171,7 +171,7 @@ def grid_settings(grid: Mapping[str, Sequence], zip_values: bool = False) -> lis
 
 def sweep(run: Callable[..., dict], grid: Mapping[str, Sequence], *, zip: bool = False,
           workdir: str | None = None, metric: str = "test_accuracy", mode: str | None = None,
-          max_trials_per_program: int | None = None, trial_axis: str = "auto",
+          max_trials_per_program: int | str | None = "auto", trial_axis: str = "auto",
           checkpoint: CheckpointOptions = CheckpointOptions(),
           progress: bool = True) -> SweepResult:
     """Runs `run(**settings)`'s simulation for every setting of `grid`, trials of a kind
@@ -193,7 +193,9 @@ def sweep(run: Callable[..., dict], grid: Mapping[str, Sequence], *, zip: bool =
       metric / mode: what `best()` ranks by; mode 'max' or 'min' (default: 'min' for a
         metric with 'loss' or 'error' in its name, else 'max').
       max_trials_per_program: run at most this many trials in one program (memory: a
-        program holds every trial's state and one cohort per trial); default all.
+        program holds every trial's state and one cohort per trial). 'auto' (default): all
+        of a group on CPU; on an accelerator, halved until the program (XLA's memory
+        analysis) fits 80% of the device's memory. None: all.
       trial_axis: how a program runs its trials: 'vmap' (side by side, batched),
         'map' (one after another inside the program: no batching, one compilation) or
         'auto' ('map' on CPU where the engine runs a round's clients one after another
@@ -206,24 +208,37 @@ def sweep(run: Callable[..., dict], grid: Mapping[str, Sequence], *, zip: bool =
     mode = mode or ("min" if any(w in metric for w in ("loss", "error")) else "max")
     if mode not in ("max", "min"):
         raise UserError(f"mode must be 'max' or 'min', got {mode!r}")
-    if max_trials_per_program is not None and (
-            not isinstance(max_trials_per_program, int) or max_trials_per_program < 1):
-        raise UserError(f"max_trials_per_program must be a positive integer or None, got "
-                        f"{max_trials_per_program!r}")
+    if max_trials_per_program not in (None, "auto") and (
+            isinstance(max_trials_per_program, bool)
+            or not isinstance(max_trials_per_program, int) or max_trials_per_program < 1):
+        raise UserError(f"max_trials_per_program must be 'auto', None or a positive integer, "
+                        f"got {max_trials_per_program!r}")
     if not callable(run):
         raise UserError("run must be a function of the grid's settings returning simulate()'s "
                         "keyword arguments")
     if trial_axis not in ("auto", "vmap", "map"):
         raise UserError(f"trial_axis must be 'auto', 'vmap' or 'map', got {trial_axis!r}")
     settings = grid_settings(grid, zip)
-    plans = [_plan(run, s) for s in settings]
+    plans, placed = [], {}
+    for s in settings:
+        plan = _plan(run, s)
+        # Trials on the same training data share one device copy of it (the copy each
+        # plan made is freed before the next trial is planned).
+        plan.data_fingerprint = _fingerprint(plan.data)
+        plan.data = placed.setdefault(plan.data_fingerprint, plan.data)
+        plans.append(plan)
     groups: dict[Any, list[int]] = {}
     for i, plan in enumerate(plans):
         groups.setdefault(_group_key(plan), []).append(i)
     chunks = []
     for members in groups.values():
-        step = max_trials_per_program or len(members)
-        chunks += [members[i:i + step] for i in range(0, len(members), step)]
+        if max_trials_per_program == "auto":
+            first = plans[members[0]]
+            chunks += _fitting_chunks(members, plans, trial_strategy(first, trial_axis),
+                                      _memory_budget(first))
+        else:
+            step = max_trials_per_program or len(members)
+            chunks += [members[i:i + step] for i in range(0, len(members), step)]
     if workdir is not None:
         RunDirectory(workdir)  # created, or a one-line error
         _check_sweep_dir(workdir, settings)
@@ -344,7 +359,7 @@ def _group_key(plan):
     args = (state, plan.data, plan.model_state, plan.root, jnp.int32(0), jnp.int32(1),
             plan.program.algorithm.hyperparams())
     per_call = _per_call(plan)
-    return (plan.program.program_key(args, per_call), _fingerprint(plan.data),
+    return (plan.program.program_key(args, per_call), plan.data_fingerprint,
             program_cache.signature(plan.model_state), r.rounds, r.eval_every, plan.last_round(0),
             r.evaluate_initial, _fingerprint(_eval_data(r)), repr(r.finetune),
             r.eval_batch_size)
@@ -400,6 +415,58 @@ def _take(tree, k: int):
     return _take_one(tree, jnp.int32(k))
 
 
+def _group_inputs(plans):
+    """(the plans padded to a multiple of the mesh's devices with copies of the last, and
+    their stacked initial states, roots, runtime hyperparameters, the model state and
+    whether it is stacked). The model state is shared where every trial has the same (a
+    frozen backbone is not copied per trial), else stacked (e.g. each seed's dropout key)."""
+    mesh = plans[0].program.mesh
+    devices = 1 if mesh is None else mesh.size
+    padded = plans + [plans[-1]] * ((-len(plans)) % devices)
+    states = _stack([p.initial_state() for p in padded])
+    roots = jnp.stack([p.root for p in padded])
+    hypers = _stack([p.program.algorithm.hyperparams() for p in padded])
+    stacked = len({_fingerprint(p.model_state) for p in plans}) > 1
+    model_state = _stack([p.model_state for p in padded]) if stacked else plans[0].model_state
+    return padded, states, roots, hypers, model_state, stacked
+
+
+def _program_bytes(plans, strategy: str) -> int | None:
+    """Device memory of the group program for `plans` (arguments, outputs and
+    temporaries, XLA's analysis), compiling it (the run reuses the compiled program)."""
+    _, states, roots, hypers, model_state, stacked = _group_inputs(plans)
+    run = plans[0].program.compile_trials(states, plans[0].data, model_state, roots, hypers,
+                                          _per_call(plans[0]), stacked_model_state=stacked,
+                                          vmapped=strategy == "vmap")
+    memory = _memory(run)
+    if memory is None:
+        return None
+    return memory["argument_bytes"] + memory["output_bytes"] + memory["temp_bytes"]
+
+
+def _fitting_chunks(members: list[int], plans, strategy: str, budget: int | None):
+    """`members` in chunks of equal size whose program fits `budget` bytes: halved until
+    it fits (None: one chunk)."""
+    size = len(members)
+    while budget is not None and size > 1:
+        used = _program_bytes([plans[i] for i in members[:size]], strategy)
+        if used is None or used <= budget:
+            break
+        size = (size + 1) // 2
+    return [members[i:i + size] for i in range(0, len(members), size)]
+
+
+def _memory_budget(plan) -> int | None:
+    """The device memory a group program may use: 80% of the accelerator's (the rest
+    for the evaluation and XLA's own); None on CPU, which reports no limit."""
+    from fedjax_sim.engine.client_states import device_memory_bytes
+
+    if plan.backend == "cpu":
+        return None
+    limit = device_memory_bytes()
+    return None if limit is None else int(0.8 * limit)
+
+
 def trial_strategy(plan, trial_axis: str = "auto") -> str:
     """'vmap' or 'map' for a group whose first trial is `plan`. On CPU the engine runs a
     round's clients one after another when their steps are heavy (`clients_per_chunk`
@@ -420,15 +487,8 @@ def _run_group(plans, members, progress: bool, g: int, num_groups: int, sweep_di
     # On a mesh the trials are split over its devices: pad them to a multiple of the
     # device count with copies of the last trial (computed, never reported).
     devices = 1 if program.mesh is None else program.mesh.size
-    padded = plans + [plans[-1]] * ((-len(plans)) % devices)
-    states = _stack([p.initial_state() for p in padded])
-    roots = jnp.stack([p.root for p in padded])
-    hypers = _stack([p.program.algorithm.hyperparams() for p in padded])
+    padded, states, roots, hypers, model_state, stacked = _group_inputs(plans)
     per_call = _per_call(first)
-    # The model state is shared where every trial has the same (a frozen backbone is not
-    # copied per trial), else stacked (e.g. each seed's dropout key).
-    stacked = len({_fingerprint(p.model_state) for p in plans}) > 1
-    model_state = _stack([p.model_state for p in padded]) if stacked else first.model_state
     histories: list[list[dict]] = [[] for _ in plans]
     diverged: list[str | None] = [None] * len(plans)
     client_metrics: list[dict | None] = [None] * len(plans)
@@ -486,21 +546,8 @@ def _run_group(plans, members, progress: bool, g: int, num_groups: int, sweep_di
             for k, p in enumerate(plans):
                 if diverged[k] is not None:
                     continue
-                rows = [{"round": done + i + 1,
-                         **{n: _scalar(v[k][i]) for n, v in metrics.items()}}
-                        for i in range(count)]
-                if p.private:
-                    peaks = p.private.record(p.program, p.root, done, count)
-                    for row, eps in zip(rows, p.private.epsilon_rows(done + 1, count, peaks)):
-                        row["epsilon"] = eps
-                bad = first_divergence(rows, finite[k])
-                if bad is not None:
-                    i, what = bad
-                    logs[k].log(rows[:i + 1])
-                    diverged[k] = (f"training diverged at round {rows[i]['round']} ({what}); "
-                                   f"lower the client or server learning rate")
-                    continue
-                if evaluate:
+                rows, diverged[k] = _trial_rows(p, metrics, finite[k], k, done, count)
+                if evaluate and diverged[k] is None:
                     evaluated, client_metrics[k] = _evaluate(p, _take(states, k), model_state,
                                                              stacked, k)
                     rows[-1].update(evaluated)
@@ -604,6 +651,23 @@ class _GroupSaver:
     def close(self) -> None:
         self.checkpoints.wait()
         self.checkpoints.close()
+
+
+def _trial_rows(plan, metrics: dict, finite, k: int, done: int, count: int):
+    """Trial k's metrics rows of rounds done+1 .. done+count (with ε for a private run),
+    cut after the first diverged round, and the divergence message or None."""
+    rows = [{"round": done + i + 1, **{n: _scalar(v[k][i]) for n, v in metrics.items()}}
+            for i in range(count)]
+    if plan.private:
+        peaks = plan.private.record(plan.program, plan.root, done, count)
+        for row, eps in zip(rows, plan.private.epsilon_rows(done + 1, count, peaks)):
+            row["epsilon"] = eps
+    bad = first_divergence(rows, finite)
+    if bad is None:
+        return rows, None
+    i, what = bad
+    return rows[:i + 1], (f"training diverged at round {rows[i]['round']} ({what}); "
+                          f"lower the client or server learning rate")
 
 
 def _evaluate(plan, state, model_state, stacked: bool = False, k: int = 0):
