@@ -452,7 +452,6 @@ class RoundProgram:
                             jnp.int32(count), hypers)
 
         run.compiled = compiled  # e.g. its memory_analysis()
-        run.devices = devices
         return run
 
     def program_key(self, args: tuple, max_rounds: int) -> tuple:

@@ -90,10 +90,8 @@ class RoundCalls:
         return state, rows, finite
 
     def engine_summary(self) -> dict:
-        plan, streamer = self.plan, self.plan.streamer
-        return {**plan.engine, "backend": plan.backend,
-                "program_cache": "hit" if self.program.cache_hit else "compiled", "local_steps": plan.schedule.num_steps,
-                "batch_size": plan.schedule.batch_size, "data_placement": plan.data_placement,
+        streamer = self.plan.streamer
+        return {**engine_summary(self.plan),
                 **({"stream": {"rounds_per_call": self.per_call, "buffer_rows": streamer.capacity,
                                "calls": streamer.calls, "prefetched_calls": streamer.prefetched}}
                    if streamer is not None else {})}
@@ -101,6 +99,15 @@ class RoundCalls:
     def close(self) -> None:
         if self.plan.streamer is not None:
             self.plan.streamer.close()
+
+
+def engine_summary(plan) -> dict:
+    """The summary's `engine`: the plan's choices, the backend and whether the round
+    program came from the program cache."""
+    return {**plan.engine, "backend": plan.backend,
+            "program_cache": "hit" if plan.program.cache_hit else "compiled",
+            "local_steps": plan.schedule.num_steps, "batch_size": plan.schedule.batch_size,
+            "data_placement": plan.data_placement}
 
 
 def first_divergence(rows, params_finite):

@@ -40,9 +40,10 @@ import numpy as np
 from fedjax_sim.engine import program_cache
 from fedjax_sim.errors import UserError
 from fedjax_sim.errors import Interrupted
-from fedjax_sim.simulation.calls import _scalar, first_divergence
+from fedjax_sim.simulation.calls import _scalar, engine_summary, first_divergence
 from fedjax_sim.simulation.checkpoint import CheckpointOptions, RunCheckpoints
 from fedjax_sim.simulation.interrupt import deferred_interrupt
+from fedjax_sim.simulation.loop import _evaluate as evaluate_run, _initial_row as initial_row
 from fedjax_sim.simulation.progress import ProgressBar
 from fedjax_sim.simulation.results import Result, run_summary
 from fedjax_sim.simulation.rundir import (CLIENT_METRICS, CONFIG, SUMMARY, MetricsLog,
@@ -394,11 +395,7 @@ class _GroupCalls:
         self.trials = trials
 
     def engine_summary(self) -> dict:
-        plan = self.plan
-        return {**plan.engine, "backend": plan.backend,
-                "program_cache": "hit" if plan.program.cache_hit else "compiled",
-                "local_steps": plan.schedule.num_steps, "batch_size": plan.schedule.batch_size,
-                "data_placement": plan.data_placement, "sweep_trials_per_program": self.trials}
+        return {**engine_summary(self.plan), "sweep_trials_per_program": self.trials}
 
 
 def _stack(trees):
@@ -523,10 +520,8 @@ def _run_group(plans, members, progress: bool, g: int, num_groups: int, sweep_di
             p.program.cache_hit = program.cache_hit
     if r.evaluate_initial and done == 0:
         for k, p in enumerate(plans):
-            row = {"round": 0, **_evaluate(p, _take(states, k), model_state, stacked, k)[0]}
-            if p.private:
-                row["epsilon"] = 0.0
-            logs[k].log([row])
+            ms = _take(model_state, k) if stacked else model_state
+            logs[k].log([initial_row(p, _take(states, k), ms)])
     if progress and num_groups > 1 and done < end:
         print(f"group {g + 1} of {num_groups}: {len(plans)} trials in one program")
     bar = ProgressBar(r.rounds, progress and done < end, initial=done)
@@ -548,8 +543,8 @@ def _run_group(plans, members, progress: bool, g: int, num_groups: int, sweep_di
                     continue
                 rows, diverged[k] = _trial_rows(p, metrics, finite[k], k, done, count)
                 if evaluate and diverged[k] is None:
-                    evaluated, client_metrics[k] = _evaluate(p, _take(states, k), model_state,
-                                                             stacked, k)
+                    ms = _take(model_state, k) if stacked else model_state
+                    evaluated, client_metrics[k] = evaluate_run(p, _take(states, k), ms)
                     rows[-1].update(evaluated)
                 logs[k].log(rows)
             done += count
@@ -668,14 +663,6 @@ def _trial_rows(plan, metrics: dict, finite, k: int, done: int, count: int):
     i, what = bad
     return rows[:i + 1], (f"training diverged at round {rows[i]['round']} ({what}); "
                           f"lower the client or server learning rate")
-
-
-def _evaluate(plan, state, model_state, stacked: bool = False, k: int = 0):
-    if stacked:
-        model_state = _take(model_state, k)
-    return plan.evaluators(plan.algorithm.params(state.server),
-                           plan.current_model_state(model_state, state),
-                           plan.program.algorithm_states(state.clients))
 
 
 # ----------------------------------------------------------------------------- tables
