@@ -21,7 +21,9 @@ client's update at once (a median, a trimmed mean: docs/aggregators.md shows one
 composes parts: client transforms apply in order, then the reduction (the streaming
 weighted sum, or the chain's one reducing part), then the finalizers in order. The
 differentially private parts (`clip`, `adaptive_clip`, `gaussian`, `dp_fedavg`) are in
-`fedjax_sim.aggregators.dp`.
+`fedjax_sim.aggregators.dp`; the Byzantine-robust rules (`coordinate_median`,
+`trimmed_mean`, `krum`, `geometric_median`, `norm_bounding`, `centered_clipping`), reducing
+parts all, in `fedjax_sim.aggregators.robust`.
 
 A part may also keep a state per client (`client_init`: error feedback's residual), which
 the engine stores like an algorithm's client states, and say what its client transform
@@ -33,6 +35,7 @@ then has no effect.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -76,15 +79,54 @@ def part(init: Callable | None = None, client: Callable | None = None,
                           finalize or _no_finalize, reduce, client_init, uplink, key)
 
 
+# The modules whose reducing parts give the server only the sum of the updates.
+_SUM_PARTS = {"fedjax_sim.aggregators.secure": "secure_sum",
+              "fedjax_sim.aggregators.encrypted": "encrypted_sum"}
+_ROBUST = "fedjax_sim.aggregators.robust"
+
+
+def _reducer(p: AggregatorPart) -> tuple[str | None, str | None]:
+    """What a reducing part is, for chain's messages: ('robust', the rule's name) for a rule
+    of fedjax_sim.aggregators.robust (its key starts with 'robust.'), ('sum', 'secure_sum'
+    or 'encrypted_sum'), or (None, None) for any other part."""
+    key = p.key
+    if isinstance(key, tuple) and key and isinstance(key[0], str) and key[0].startswith("robust."):
+        return "robust", key[0][len("robust."):]
+    fn = inspect.unwrap(p.reduce)  # through the chains that hold it
+    module = getattr(fn, "__module__", None)
+    if module == _ROBUST:
+        return "robust", fn.__qualname__.split(".")[0]
+    if module in _SUM_PARTS:
+        return "sum", _SUM_PARTS[module]
+    return None, None
+
+
+def _refuse_robust_with_another_reduction(reducing: list[AggregatorPart]):
+    """The clearer refusal of a chain with two reducing parts when one is a robust rule."""
+    kinds = [_reducer(p) for p in reducing]
+    robust = [name for kind, name in kinds if kind == "robust"]
+    sums = [name for kind, name in kinds if kind == "sum"]
+    if robust and sums:
+        raise UserError(f"{robust[0]} needs every client's update but {sums[0]} gives the server "
+                        f"only their sum; robust rules cannot run under secure or encrypted "
+                        f"aggregation")
+    if len(robust) > 1:
+        raise UserError(f"a chain may hold one robust rule, got {' and '.join(robust)}; keep one "
+                        f"of them")
+
+
 def chain(*parts: AggregatorPart) -> AggregatorPart:
     """Composes parts: each client transform in order, then the reduction (the chain's
     reducing part, if any, else the streaming weighted sum), then each finalizer in order.
     Per-client states are a tuple over the parts (None for a part without one); what a
-    client sends is each part's `uplink` applied in order."""
+    client sends is each part's `uplink` applied in order. A chain holds at most one part
+    that reduces the cohort itself, so a robust rule cannot be chained with a secure or
+    encrypted sum."""
     if not parts:
         return weighted_mean()
     reducing = [i for i, p in enumerate(parts) if p.reduce is not None]
     if len(reducing) > 1:
+        _refuse_robust_with_another_reduction([parts[i] for i in reducing])
         raise UserError(f"a chain may hold one part that reduces the cohort itself, got "
                         f"{len(reducing)} (parts {reducing}); keep one of them")
     stateful = any(p.client_init is not None for p in parts)
@@ -130,6 +172,7 @@ def chain(*parts: AggregatorPart) -> AggregatorPart:
 
         def reduce(cohort, state, rng):
             return parts[i].reduce(cohort, state[i], jax.random.fold_in(rng, i))
+        reduce.__wrapped__ = parts[i].reduce  # what reduces, for a chain holding this chain
 
     return AggregatorPart(init, client, finalize, reduce, client_init if stateful else None,
                           uplink if any(p.uplink is not None for p in parts) else None)
@@ -140,8 +183,12 @@ from fedjax_sim.aggregators.compression import quantize, random_k, sign, top_k  
 from fedjax_sim.aggregators.secure import integer_encode, secure_aggregation, secure_sum  # noqa: E402
 from fedjax_sim.aggregators.encrypted import encrypted_sum  # noqa: E402
 from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_encode  # noqa: E402
+from fedjax_sim.aggregators.robust import (  # noqa: E402
+    centered_clipping, coordinate_median, geometric_median, krum, norm_bounding, trimmed_mean)
 
 __all__ = ["AggregatorPart", "Cohort", "Message", "ROUND_FAILED",
            "weighted_mean", "part", "chain", "clip", "adaptive_clip", "gaussian", "dp_fedavg",
            "global_norm", "quantize", "sign", "top_k", "random_k", "integer_encode", "secure_sum",
-           "secure_aggregation", "encrypted_sum", "distributed_dp", "skellam_encode"]
+           "secure_aggregation", "encrypted_sum", "distributed_dp", "skellam_encode",
+           "coordinate_median", "trimmed_mean", "krum", "geometric_median", "norm_bounding",
+           "centered_clipping"]
