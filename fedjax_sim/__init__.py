@@ -12,7 +12,7 @@ from fedjax_sim.engine.compilation_cache import compilation_cache, configure_def
 
 configure_default()  # JAX's persistent compilation cache (engine/compilation_cache.py)
 
-from fedjax_sim import aggregators, algorithms, data, engine, models, privacy  # noqa: E402
+from fedjax_sim import aggregators, algorithms, attacks, data, engine, models, privacy  # noqa: E402
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
                                    Result, initialize_distributed, simulate, sweep)
@@ -22,5 +22,5 @@ from fedjax_sim import tracking
 
 __version__ = "0.1.0"
 __all__ = ["compilation_cache", "simulate", "sweep", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
-           "algorithms", "aggregators", "engine", "privacy", "DistributedOptions",
+           "algorithms", "aggregators", "attacks", "engine", "privacy", "DistributedOptions",
            "initialize_distributed", "plot", "tracking"]

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fedjax_sim")
 
 # Bottom to top. A module may import its own layer and the layers below it.
-LAYERS = ["errors", "trees", "data", "models", "engine", "privacy", "aggregators", "algorithms",
+LAYERS = ["errors", "trees", "data", "models", "engine", "privacy", "aggregators", "attacks", "algorithms",
           "registry", "simulation", "cli"]
 # The package's own entry points sit above everything (`tracking` gathers the trackers'
 # public names from simulation.tracking).

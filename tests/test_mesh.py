@@ -71,6 +71,12 @@ SCRIPT = textwrap.dedent("""
             elif name == "chunked":
                 algorithm = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10)
                 engine["clients_per_chunk"] = 2
+            elif name == "robust_attack":  # a whole-cohort attack, then a robust rule
+                algorithm = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10,
+                                                 weighting="uniform")
+                kw["aggregator"] = fs.aggregators.trimmed_mean(0.2)
+                kw["attack"] = fs.attacks.Attack(fraction=0.25,
+                                                 update=fs.attacks.little_is_enough())
             elif name == "streamed":
                 algorithm = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10)
                 engine["data_placement"] = "host"
@@ -145,5 +151,6 @@ def test_mesh_of_8_devices_matches_one_device():
 
 @pytest.mark.slow
 def test_mesh_of_2_and_8_devices_matches_one_device_for_every_workload():
-    names = ("fedavg", "scaffold", "dp_poisson", "chunked", "streamed")
+    names = ("fedavg", "scaffold", "dp_poisson", "chunked", "streamed", "robust_attack")
     check_meshes(run_on_devices(",".join(names), "1,2,8"), names, (2, 8))
+

@@ -2,7 +2,8 @@
 
 `load_config(path, overrides)` runs the file and applies command-line overrides of the form
 `--config.algorithm.client_optimizer.learning_rate=0.05`. A value is parsed as a Python
-literal when it is one (`0.05`, `None`, `[200, 200]`, `True`), else kept as a string.
+literal when it is one (`0.05`, `None`, `[200, 200]`, `True`, or a section written as
+`dict(name='krum', num_byzantine=4)`), else kept as a string.
 
 An override may set any documented key (`layout.keys_at`), also one the file leaves out: a
 missing section on the way is created empty (its keys take their defaults), and a section
@@ -30,10 +31,24 @@ from fedjax_sim.cli import layout
 from fedjax_sim.cli.rules import show, unknown_key
 
 
+def _literal(node: ast.AST):
+    """A Python literal, where `dict(key=literal, ...)` (as config files write sections)
+    counts as one too."""
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"
+            and not node.args and all(k.arg is not None for k in node.keywords)):
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
 def _parse_value(text: str):
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        return _literal(ast.parse(text.strip(), mode="eval").body)
+    except (ValueError, SyntaxError, TypeError):
         return text
 
 

@@ -38,7 +38,8 @@ from fedjax_sim import registry
 from fedjax_sim.models import get_model, get_task, load_pretrained, with_trainable
 from fedjax_sim.models.trainable import count_parameters
 from fedjax_sim.simulation import INIT_STREAM, simulate
-from fedjax_sim.cli.options import (aggregator_options, broadcast_options, build_algorithm,
+from fedjax_sim.cli.options import (aggregator_options, attack_options, broadcast_options,
+                                    build_algorithm,
                                     build_optimizer, checkpoint_options, engine_options,
                                     finetune_options, preprocess_options, privacy_options)
 from fedjax_sim.cli.rules import get as _get
@@ -132,6 +133,7 @@ def build(config: ml_collections.ConfigDict, data_cache: dict | None = None) -> 
     return dict(model=model, algorithm=algorithm, train_data=train,
                 task=task, checkpoint=checkpoint_options(config),
                 privacy=privacy_options(config), aggregator=aggregator_options(config),
+                attack=attack_options(config),
                 eval_data=test, client_eval_data=client_test,
                 heldout_data=info.pop("heldout", None), preprocess=preprocess,
                 finetune=finetune_options(config),

@@ -19,13 +19,13 @@ from fedjax_sim.cli.rules import get, is_section
 
 __all__ = ["TOP_LEVEL_KEYS", "CHECKPOINT_DEFAULTS", "MODEL_KEYS", "PRETRAINED_KEYS",
            "OPTIMIZER_KEYS", "PREPROCESS_KEYS", "FINETUNE_KEYS", "ENGINE_KEYS", "DISTRIBUTED_KEYS", "PRIVACY_KEYS",
-           "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "SECURE_AGGREGATION_KEYS", "AGGREGATOR_KEYS", "BROADCAST_KEYS", "FREE", "keys_at",
+           "PRIVACY_LEVEL_KEYS", "PRIVACY_UNSET", "ADAPTIVE_CLIPPING_KEYS", "SECURE_AGGREGATION_KEYS", "AGGREGATOR_KEYS", "ATTACK_KEYS", "BROADCAST_KEYS", "FREE", "keys_at",
            "algorithm_keys"]
 
 TOP_LEVEL_KEYS = ("seed", "rounds", "clients_per_round", "eval_every", "task", "data", "model",
                   "algorithm", "engine", "checkpoint", "privacy", "finetune", "preprocess",
                   "batch_norm", "feature_cache", "distributed", "aggregator", "broadcast",
-                  "evaluate_initial")
+                  "evaluate_initial", "attack")
 # When a config has no `checkpoint` section (or leaves a key of it out).
 CHECKPOINT_DEFAULTS = dict(every_rounds=None, every_seconds=60.0, max_to_keep=3)
 MODEL_KEYS = ("name", "num_outputs", "args", "trainable", "pretrained")
@@ -47,8 +47,11 @@ PRIVACY_KEYS = ("level", *sorted({k for keys in PRIVACY_LEVEL_KEYS.values() for 
 # The value a key of the other level may hold (the dataclass default; None where not listed).
 PRIVACY_UNSET = {"sampling": "poisson"}
 ADAPTIVE_CLIPPING_KEYS = tuple(f.name for f in dataclasses.fields(AdaptiveClipping))
-# config.aggregator: compression parts (a list), secure or encrypted aggregation.
-AGGREGATOR_KEYS = ("compression", "secure", "encrypted")
+# config.aggregator: compression parts (a list), a robust rule, secure or encrypted aggregation.
+AGGREGATOR_KEYS = ("compression", "robust", "secure", "encrypted")
+# config.attack: who is malicious (fraction or clients, seed) and what they do (data, update:
+# each a section naming a fedjax_sim.attacks builder and its arguments).
+ATTACK_KEYS = ("fraction", "clients", "seed", "data", "update")
 # config.broadcast: what every client receives, compressed (compressed_broadcast's arguments).
 BROADCAST_KEYS = ("bits", "rotation", "seed")
 # config.privacy.secure_aggregation: distributed DP (SecureAggregation's fields).
@@ -72,6 +75,10 @@ _FIXED = {
     ("broadcast",): BROADCAST_KEYS,
     ("aggregator", "secure"): FREE,
     ("aggregator", "encrypted"): FREE,
+    ("aggregator", "robust"): FREE,
+    ("attack",): ATTACK_KEYS,
+    ("attack", "data"): FREE,
+    ("attack", "update"): FREE,
     ("finetune",): FINETUNE_KEYS,
     ("preprocess",): PREPROCESS_KEYS,
 }

@@ -13,14 +13,14 @@ import dataclasses
 import numpy as np
 import optax
 
-from fedjax_sim import aggregators, registry
+from fedjax_sim import aggregators, attacks, registry
 from fedjax_sim.data import Preprocess
 from fedjax_sim.engine.hyperparams import tunable
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import AdaptiveClipping, SecureAggregation
 from fedjax_sim.simulation import CheckpointOptions, DistributedOptions, EngineOptions, FineTune
 from fedjax_sim.algorithms import compressed_broadcast
-from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, AGGREGATOR_KEYS, BROADCAST_KEYS,
+from fedjax_sim.cli.layout import (ADAPTIVE_CLIPPING_KEYS, AGGREGATOR_KEYS, ATTACK_KEYS, BROADCAST_KEYS,
                                    CHECKPOINT_DEFAULTS,
                                    PRIVACY_KEYS,
                                    PRIVACY_LEVEL_KEYS, PRIVACY_UNSET, SECURE_AGGREGATION_KEYS)
@@ -28,7 +28,7 @@ from fedjax_sim.cli.rules import (as_dict, check_args, check_choice, check_keys,
                                   section, show)
 
 __all__ = ["build_optimizer", "build_algorithm", "privacy_options", "preprocess_options",
-           "aggregator_options", "broadcast_options",
+           "aggregator_options", "attack_options", "broadcast_options",
            "finetune_options", "checkpoint_options", "engine_options", "distributed_options"]
 
 
@@ -196,14 +196,32 @@ def privacy_options(config):
         raise _privacy_error(e) from None
 
 
+# config.aggregator.robust: {name, <the rule's arguments>} (fedjax_sim.aggregators.robust).
+ROBUST_RULES = {"coordinate_median": aggregators.coordinate_median,
+                "trimmed_mean": aggregators.trimmed_mean, "krum": aggregators.krum,
+                "geometric_median": aggregators.geometric_median,
+                "norm_bounding": aggregators.norm_bounding,
+                "centered_clipping": aggregators.centered_clipping}
 # config.aggregator.compression: a list of {name, <the part's arguments>}, applied in order.
 COMPRESSORS = {"quantize": aggregators.quantize, "sign": aggregators.sign,
                "top_k": aggregators.top_k, "random_k": aggregators.random_k}
 
 
+def _named_part(entry, key: str, builders: dict, example: str, what: str):
+    """The part `entry` = dict(name=..., <its arguments>) names among `builders`."""
+    if not is_section(entry):
+        raise UserError(f"config.{key} must be a section such as {example}, got {show(entry)}")
+    args = as_dict(entry)
+    name = args.pop("name", None)
+    check_choice(name, f"{key}.name", builders, what)
+    check_args(key, args, builders[name], (), f"{name}()")
+    return _built(key, builders[name], args)
+
+
 def aggregator_options(config):
     """`config.aggregator` as one `AggregatorPart` (None when absent or None): the
-    compression parts in order, then secure aggregation (`secure`, the arguments of
+    compression parts in order, then a robust rule (`robust`: dict(name=<a ROBUST_RULES
+    name>, <its arguments>)), or secure aggregation (`secure`, the arguments of
     fedjax_sim.aggregators.secure_aggregation; cohort_size defaults to clients_per_round)
     or homomorphically encrypted aggregation (`encrypted`, those of encrypted_sum)."""
     values = section(config, "aggregator", required=False)
@@ -218,16 +236,17 @@ def aggregator_options(config):
                         f"[dict(name='top_k', fraction=0.1), dict(name='quantize', bits=8)], "
                         f"got {show(compression)}")
     for i, entry in enumerate(compression):
-        key = f"aggregator.compression[{i}]"
-        if not is_section(entry):
-            raise UserError(f"config.{key} must be a section such as dict(name='quantize', bits=8), "
-                            f"got {show(entry)}")
-        args = as_dict(entry)
-        name = args.pop("name", None)
-        check_choice(name, f"{key}.name", COMPRESSORS, "a known compression")
-        check_args(key, args, COMPRESSORS[name], (), f"{name}()")
-        parts.append(_built(key, COMPRESSORS[name], args))
+        parts.append(_named_part(entry, f"aggregator.compression[{i}]", COMPRESSORS,
+                                 "dict(name='quantize', bits=8)", "a known compression"))
     secure, encrypted = values.get("secure"), values.get("encrypted")
+    robust = values.get("robust")
+    if robust is not None:
+        if secure is not None or encrypted is not None:
+            raise UserError(f"config.aggregator.robust ({show(as_dict(robust).get('name'))}) needs "
+                            f"every client's update, but under {'secure' if secure is not None else 'encrypted'} "
+                            f"aggregation the server sees only their sum; keep one of them")
+        parts.append(_named_part(robust, "aggregator.robust", ROBUST_RULES,
+                                 "dict(name='trimmed_mean', beta=0.1)", "a robust aggregation rule"))
     if secure is not None and encrypted is not None:
         raise UserError("config.aggregator holds both secure and encrypted aggregation; keep one "
                         "of them (each replaces the server's plain sum)")
@@ -253,6 +272,27 @@ def _built(key: str, fn, args: dict):
         return fn(**args)
     except UserError as e:
         raise UserError(f"config.{key}: {e}") from None
+
+
+def attack_options(config):
+    """`config.attack` as a `fedjax_sim.attacks.Attack` (None when absent or None):
+    `fraction` or `clients`, `seed`, and `data` / `update`, each dict(name=..., <the
+    builder's arguments>) naming one of fedjax_sim.attacks.DATA_ATTACKS / UPDATE_ATTACKS."""
+    values = section(config, "attack", required=False)
+    if values is None:
+        return None
+    values = as_dict(values)
+    check_keys(values, "attack", ATTACK_KEYS)
+    kwargs = {k: values[k] for k in ("fraction", "clients", "seed") if values.get(k) is not None}
+    if isinstance(kwargs.get("clients"), tuple):
+        kwargs["clients"] = list(kwargs["clients"])
+    for key, builders, example in (
+            ("data", attacks.DATA_ATTACKS, "dict(name='label_flip')"),
+            ("update", attacks.UPDATE_ATTACKS, "dict(name='sign_flip', scale=1.0)")):
+        if values.get(key) is not None:
+            kwargs[key] = _named_part(values[key], f"attack.{key}", builders, example,
+                                      f"a known {key} attack")
+    return _built("attack", attacks.Attack, kwargs)
 
 
 def broadcast_options(config, algorithm):

@@ -45,7 +45,7 @@ from fedjax_sim.cli import layout
 from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, distributed_options,
                                     engine_options,
                                     finetune_options, preprocess_options, privacy_options,
-                                    aggregator_options, broadcast_options)
+                                    aggregator_options, attack_options, broadcast_options)
 from fedjax_sim.cli.rules import (ALGORITHM_RULES, ARG_RULES, BOOL, DATA_RULES, FRACTION,
                                   LAYER_SIZES, PATHS, POSITIVE_INT, Rule, check, check_args,
                                   check_choice, check_keys, free_args, get, int_at_least,
@@ -348,6 +348,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_section(config, "distributed", distributed_options)
         _check_privacy(config)
         aggregator_options(config)  # its messages name config.aggregator.<key> themselves
+        attack_options(config)
         broadcast_options(config, build_algorithm(config["algorithm"]))
         _check_finetune(config)
         _check_preprocess(config)

@@ -316,6 +316,35 @@ class Cohort(NamedTuple):
     live: jax.Array
 
 
+class UpdateAttack(NamedTuple):
+    """What malicious clients do to the update they send (`fedjax_sim.attacks` builds them;
+    which clients are malicious is fixed for a run and given to the engine with it).
+
+    client(delta, rng) -> delta: a malicious client's update from the honest one it
+        computed, inside the vmap (sign flipping, scaling, noise); None: unchanged.
+    cohort(updates, weights, malicious, live, rng) -> updates: the cohort's updates, every
+        leaf [m, ...], with the malicious slots' replaced, for an attacker that knows the
+        whole cohort ("a little is enough", inner-product manipulation, model
+        replacement's boost). `malicious` and `live` are [m] bool, `weights` [m] float32
+        (0 for padding slots). None: no such stage. With one, the engine stacks the
+        cohort's updates (memory: m x parameters) and runs the aggregator's per-client
+        transforms (clipping, compression) after the attack, as a server receiving them
+        would.
+    key: None, or a hashable naming every value the functions bake into the compiled
+        program (see `AggregatorPart.key`).
+
+    An attack acts on what a client sends: the aggregator's per-client transforms apply to
+    a malicious update as to any other.
+    """
+
+    client: Callable[[PyTree, jax.Array], PyTree] | None = None
+    cohort: Callable[..., PyTree] | None = None
+    key: Any = None
+
+    def __program_key__(self):
+        return ("key", self.key) if self.key is not None else (self.client, self.cohort)
+
+
 # A metric an aggregator part returns (from `reduce` or `finalize`, a bool scalar): true when
 # the round failed (e.g. too few clients of a secure aggregation survived to unmask the sum).
 # The engine then keeps the server state, the aggregator state and every client state as

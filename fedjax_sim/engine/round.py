@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fedjax_sim.engine.batching import Schedule, bits_needed, client_batches, poisson_sample
 from fedjax_sim.engine.cohort import map_clients
 from fedjax_sim.engine.contracts import (ROUND_FAILED, STATS_KEY, AggregatorPart, Algorithm,
-                                         Cohort, Message, Problem, RoundSums)
+                                         Cohort, Message, Problem, RoundSums, UpdateAttack)
+from fedjax_sim.errors import UserError
 from fedjax_sim.engine import mesh as mesh_lib
 from fedjax_sim.engine import program_cache
 from fedjax_sim.engine.local import LocalData
@@ -108,6 +109,12 @@ class DeviceData(NamedTuple):
                    put(jnp.asarray(data.client_sizes, jnp.int32)))
 
 
+def _all_finite(tree: PyTree) -> jax.Array:
+    """Whether every floating value of `tree` is finite (a bool scalar)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def divide(total: PyTree, denominator: jax.Array) -> PyTree:
     """The aggregate total / denominator; a zero denominator (no weight) gives zero."""
     safe = jnp.where(denominator > 0, denominator, 1.0)
@@ -117,6 +124,9 @@ def divide(total: PyTree, denominator: jax.Array) -> PyTree:
 # The key a reducing aggregator part gets: fold_in(the round's aggregator key, REDUCE_STREAM)
 # (finalize gets the round's aggregator key itself).
 REDUCE_STREAM = 0x5ED
+# A malicious client's forgery uses fold_in(its aggregator key, ATTACK_STREAM); an attack on
+# the whole cohort fold_in(the round's aggregator key, ATTACK_STREAM).
+ATTACK_STREAM = 0xBAD
 
 
 def split_round_key(root: jax.Array, r: jax.Array):
@@ -251,7 +261,8 @@ class RoundProgram:
                  schedule: Schedule, *, num_clients: int, max_client_size: int,
                  clients_per_round: int, clients_per_chunk: int | None, unroll: int | bool,
                  sampling: ClientSampling | None = None, preprocess=None,
-                 stats_mode: str | None = None, mesh=None):
+                 stats_mode: str | None = None, mesh=None, attack: UpdateAttack | None = None,
+                 malicious: np.ndarray | None = None):
         """`preprocess(batch, rng, train)` (data.augment.Preprocess) converts and augments
         each local batch on device; None feeds the stored features as they are.
 
@@ -265,6 +276,10 @@ class RoundProgram:
 
         `mesh`: a `jax.sharding.Mesh` (engine.mesh) to spread each cohort over, or None
         for one device.
+
+        `malicious`: [num_clients] bool, the clients that are malicious (fixed for the run, a
+        constant of the program; each round logs how many its cohort holds); `attack`: what
+        they do to their updates (`UpdateAttack`), or None.
         """
         if stats_mode not in (None, "averaged", "local"):
             raise ValueError(f"stats_mode must be None, 'averaged' or 'local', got {stats_mode!r}")
@@ -277,8 +292,25 @@ class RoundProgram:
         self.clients_per_round = self.sampling.slots
         self.clients_per_chunk, self.unroll = clients_per_chunk, unroll
         self.mesh = mesh
+        self.attack, self.malicious = self._check_attack(attack, malicious, aggregator, num_clients)
         self._jit = jax.jit(self._run_rounds, static_argnames=("max_rounds",),
                             donate_argnames=("state",))
+
+    @staticmethod
+    def _check_attack(attack, malicious, aggregator, num_clients):
+        if malicious is None:
+            if attack is not None:
+                raise ValueError("an attack needs the malicious mask")
+            return None, None
+        malicious = np.asarray(malicious, bool)
+        if malicious.shape != (num_clients,):
+            raise ValueError(f"malicious must be a [{num_clients}] bool mask, got shape "
+                             f"{malicious.shape}")
+        if attack is not None and attack.cohort is not None and aggregator.client_init is not None:
+            raise UserError("an attack that forges updates from the whole cohort cannot run "
+                            "with an aggregator part that keeps a state per client (error "
+                            "feedback): drop error_feedback or choose a per-client attack")
+        return attack, malicious
 
     def init(self, params: PyTree, client_states: str = "device", stats: PyTree = None) -> SimState:
         """The initial state; a stateful algorithm's client states are C copies of
@@ -301,6 +333,13 @@ class RoundProgram:
             clients, state = state.clients, state._replace(clients=None)
             return mesh_lib.put(state, shardings)._replace(clients=clients)
         return mesh_lib.put(state, shardings)
+
+    def stacked_cohort_bytes(self, params: PyTree) -> int:
+        """The bytes of the round's updates held at once where an aggregator part reduces the
+        stacked cohort or an attack forges from it (cohort slots x the update), else 0."""
+        if self.aggregator.reduce is None and (self.attack is None or self.attack.cohort is None):
+            return 0
+        return self.clients_per_round * tree_bytes(params)
 
     def one_client_state(self, params: PyTree) -> PyTree:
         """One client's state (no client axis): the algorithm's, or where the aggregator
@@ -466,7 +505,7 @@ class RoundProgram:
             model_state=program_cache.signature(self.problem.model_state))
         built = (problem, self.aggregator, self.preprocess, self.schedule,
                  self.num_clients, self.max_client_size, self.sampling, self.clients_per_chunk,
-                 self.unroll, self.stats_mode, self.mesh)
+                 self.unroll, self.stats_mode, self.mesh, self.attack, self.malicious)
         return (type(self), program_cache.structural_key(algorithm, tuple(algorithm.hyperparams())),
                 program_cache.structural_key(built), program_cache.signature(args), max_rounds,
                 program_cache.environment())
@@ -572,8 +611,12 @@ class RoundProgram:
                rows: jax.Array | None = None):
         algorithm, aggregator = self.algorithm, self.aggregator
         averaged = self.stats_mode == "averaged"
+        attack = self.attack
+        # An attacker that forges its update from the whole cohort's sees them stacked; the
+        # aggregator's per-client transforms then run on the stacked (attacked) updates.
+        forged = attack is not None and attack.cohort is not None
         # A part that reduces the cohort itself gets every client's update, stacked.
-        stacked = aggregator.reduce is not None
+        stacked = aggregator.reduce is not None or forged
         if self.stats_mode is not None:
             model_state = merge(model_state, state.stats)
         problem = self.problem._replace(model_state=model_state)
@@ -607,12 +650,15 @@ class RoundProgram:
             client_stats = metrics.pop(STATS_KEY, local.stats)
             sent.update(delta=tree_entries(out.delta), extras=tree_bytes(out.extras),
                         stats=tree_bytes(client_stats) if averaged else 0)
-            if own_state:
-                delta, report, own_agg = aggregator.client(out.delta, state.aggregator,
+            delta = self._attacked(out.delta, cid, k_agg_client)
+            if forged:  # the aggregator's client transforms run after the cohort's attack
+                report, new_row = {}, out.client_state
+            elif own_state:
+                delta, report, own_agg = aggregator.client(delta, state.aggregator,
                                                            k_agg_client, own.aggregator)
                 new_row = ClientTables(out.client_state, own_agg)
             else:
-                delta, report = aggregator.client(out.delta, state.aggregator, k_agg_client)
+                delta, report = aggregator.client(delta, state.aggregator, k_agg_client)
                 new_row = out.client_state
             # A padding slot (Poisson sampling) weighs nothing and reports nothing.
             weight = jnp.where(live, algorithm.client_weight(n), 0.0)
@@ -621,8 +667,9 @@ class RoundProgram:
             # and, where they are averaged, the client's running statistics (they bypass the
             # aggregator: no clipping, noise or compression).
             summed = (() if stacked else delta, client_stats if averaged else ())
-            return weight, summed, (keep(metrics), keep(report), new_row,
-                                    keep(out.extras), (keep(delta), weight) if stacked else ())
+            return weight, summed, (keep(metrics), keep(report), new_row, keep(out.extras),
+                                    ((keep(delta), weight, k_agg_client) if forged else
+                                     (keep(delta), weight) if stacked else ()))
 
         poisson = self.sampling.kind == "poisson"
         if self.mesh is not None:
@@ -653,23 +700,16 @@ class RoundProgram:
                 client, (cohort, drawn.live, drawn.clients, None), self.clients_per_chunk)
         train_sums, client_reports, new_rows, extras, cohort_updates = outs
         total, stats_total = total
+        if forged:
+            cohort_updates, client_reports, total = self._forge(
+                cohort_updates, drawn, cohort, state.aggregator)
         new_stats = state.stats
         if averaged:
             new_stats = jax.tree_util.tree_map(
                 lambda t, old: jnp.where(denominator > 0, t / jnp.maximum(denominator, 1e-30),
                                          old).astype(old.dtype), stats_total, state.stats)
-        reduced = {}
-        if stacked:
-            total, denominator, *more = aggregator.reduce(
-                Cohort(cohort_updates[0], cohort_updates[1], drawn.live), state.aggregator,
-                jax.random.fold_in(drawn.k_agg, REDUCE_STREAM))
-            reduced = more[0] if more else {}
-        num_live = jnp.sum(drawn.live.astype(jnp.float32))
-        reports = {k: jnp.sum(v) for k, v in client_reports.items()}
-        total, denominator, agg_state, agg_metrics = aggregator.finalize(
-            total, denominator, {**reports, **reduced, "clients": num_live}, state.aggregator,
-            drawn.k_agg)
-        agg_metrics = {**reduced, **agg_metrics}
+        total, denominator, agg_state, agg_metrics, reports, num_live = self._aggregate(
+            total, denominator, cohort_updates, client_reports, state.aggregator, drawn)
         sums = RoundSums(jax.tree_util.tree_map(lambda v: jnp.sum(v, axis=0), extras), num_live,
                          self.num_clients)
         server = algorithm.server_update(state.server, divide(total, denominator), sums)
@@ -678,12 +718,59 @@ class RoundProgram:
         table = self._scatter_rows(table, new_rows, cohort, written, row_of)
         metrics = self._round_metrics(train_sums, reports, agg_metrics, data, drawn, num_live)
         metrics.update(self._wire_metrics(sent, broadcast, num_live))
+        if self.malicious is not None:
+            metrics["malicious_clients"] = jnp.sum(
+                jnp.asarray(self.malicious)[cohort] & drawn.live).astype(jnp.int32)
         # For the host's divergence guard (not logged): are the new global parameters finite?
-        leaves = [x for x in jax.tree_util.tree_leaves(algorithm.params(server))
-                  if jnp.issubdtype(x.dtype, jnp.inexact)]
-        metrics["_params_finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) \
-            if leaves else jnp.bool_(True)
+        metrics["_params_finite"] = _all_finite(algorithm.params(server))
         return SimState(server, agg_state, table, new_stats), metrics
+
+    def _aggregate(self, total, denominator, cohort_updates, client_reports, agg_state,
+                   drawn: "RoundDraws"):
+        """The reduction (a reducing part's over the stacked cohort, else the streamed sum
+        as it is) and the finalizers: (total, denominator, the aggregator's new state, its
+        metrics, the reports summed over the clients, the number of clients)."""
+        reduced = {}
+        if self.aggregator.reduce is not None:
+            total, denominator, *more = self.aggregator.reduce(
+                Cohort(cohort_updates[0], cohort_updates[1], drawn.live), agg_state,
+                jax.random.fold_in(drawn.k_agg, REDUCE_STREAM))
+            reduced = more[0] if more else {}
+        num_live = jnp.sum(drawn.live.astype(jnp.float32))
+        reports = {k: jnp.sum(v) for k, v in client_reports.items()}
+        total, denominator, agg_state, agg_metrics = self.aggregator.finalize(
+            total, denominator, {**reports, **reduced, "clients": num_live}, agg_state,
+            drawn.k_agg)
+        return total, denominator, agg_state, {**reduced, **agg_metrics}, reports, num_live
+
+    def _attacked(self, delta: PyTree, cid: jax.Array, k_agg_client: jax.Array) -> PyTree:
+        """A client's update as it sends it: the attack's forgery where the client is
+        malicious and the attack changes updates one by one, else the one it computed."""
+        if self.attack is None or self.attack.client is None:
+            return delta
+        bad = jnp.asarray(self.malicious)[cid]
+        forged = self.attack.client(delta, jax.random.fold_in(k_agg_client, ATTACK_STREAM))
+        return jax.tree_util.tree_map(lambda f, d: jnp.where(bad, f.astype(d.dtype), d),
+                                      forged, delta)
+
+    def _forge(self, cohort_updates, drawn: "RoundDraws", cohort: jax.Array, agg_state):
+        """The cohort's updates after an attack that forges from all of them, then the
+        aggregator's per-client transforms: (what the reduction receives, the per-client
+        reports, the weighted sum of the transformed updates or () for a reducing part)."""
+        updates, weights, keys = cohort_updates
+        live = drawn.live
+        bad = jnp.asarray(self.malicious)[cohort] & live
+        updates = self.attack.cohort(updates, weights, bad, live,
+                                     jax.random.fold_in(drawn.k_agg, ATTACK_STREAM))
+        sent, reports = jax.vmap(lambda d, k: self.aggregator.client(d, agg_state, k))(updates, keys)
+        keep = lambda tree: jax.tree_util.tree_map(
+            lambda v: jnp.where(live.reshape(-1, *[1] * (v.ndim - 1)), v, 0), tree)
+        sent, reports = keep(sent), keep(reports)
+        if self.aggregator.reduce is not None:
+            return (sent, weights), reports, ()
+        total = jax.tree_util.tree_map(
+            lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1), sent)
+        return (), reports, total
 
     @staticmethod
     def _unless_failed(agg_metrics: dict, new: tuple, state: SimState, live: jax.Array):

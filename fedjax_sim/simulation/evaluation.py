@@ -328,6 +328,7 @@ class Evaluators(NamedTuple):
     central: CentralEvaluator | None = None
     per_client: ClientEvaluator | None = None
     heldout: ClientEvaluator | None = None
+    backdoor: CentralEvaluator | None = None  # accuracy on triggered test examples
 
     def __call__(self, params, model_state, client_states=None) -> tuple[dict, dict | None]:
         """(metrics row entries, the per-client metrics by client id, or None)."""
@@ -345,4 +346,7 @@ class Evaluators(NamedTuple):
         if self.heldout is not None:
             for name, values in self.heldout(params, model_state).items():
                 out.update(summarize_clients(values, prefix=f"heldout_{name}_"))
+        if self.backdoor is not None:
+            hit = jax.device_get(self.backdoor(params, model_state))
+            out["backdoor_success"] = float(hit["accuracy"])
         return out, clients

@@ -42,6 +42,7 @@ def simulate(
     config: dict | None = None, allow_config_change: bool = False, progress: bool = True,
     callback: Callable[[dict], None] | Sequence[Callable[[dict], None]] | None = None,
     metadata: dict | None = None, evaluate_initial: bool = False, tensorboard: bool | str = False,
+    attack=None,
 ) -> Result:
     """Trains `model` with `algorithm` over `train_data`'s clients for `rounds` rounds of
     `clients_per_round` clients; returns the final model and its history (`Result`).
@@ -51,7 +52,8 @@ def simulate(
     how to aggregate (`aggregator`, `privacy`), how to execute (`engine`, `preprocess`,
     `batch_norm`, `feature_cache`), where to start (`seed`, `initial_params`) and where to
     write and resume (`workdir`, `checkpoint`, `config`, `allow_config_change`), what to
-    report (`callback`, `evaluate_initial`, `tensorboard`).
+    report (`callback`, `evaluate_initial`, `tensorboard`), and which clients are malicious
+    (`attack`).
     Ctrl-C stops between two calls, saves a checkpoint (with a `workdir`) and raises
     `fedjax_sim.errors.Interrupted`, whose message says how to resume.
     """

@@ -126,9 +126,15 @@ class PrivatePlan:
         if isinstance(privacy, ClientLevelDP):
             self.level = "client"
             if aggregator is not None and aggregator.reduce is not None:
-                raise UserError("client-level DP cannot follow an aggregator part that reduces the "
-                                "cohort itself (its output's sensitivity is unknown); to combine "
-                                "DP with secure aggregation use privacy.secure_aggregation")
+                raise UserError(
+                    "client-level DP cannot follow an aggregator part that reduces the cohort "
+                    "itself (a robust rule, secure or encrypted aggregation): its output can move "
+                    "by more than the clip norm when one client joins or leaves, so the noise "
+                    "would not give the reported epsilon; DP's clipping already bounds each "
+                    "client's influence; for DP with secure aggregation use "
+                    "privacy.secure_aggregation; to measure a robust rule between clipping and "
+                    "noise without a privacy claim, pass aggregator=chain(clip(C), <rule>, "
+                    "gaussian(z, expected_clients=m)) and no privacy")
             if getattr(algorithm, "client_dp", None):
                 raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
                                 f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())} "

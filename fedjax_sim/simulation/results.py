@@ -138,7 +138,8 @@ def restore_keys(tree, structure):
 
 def final_metrics(row: dict) -> dict:
     """The evaluation metrics of a (last) metrics row."""
-    return {k: v for k, v in row.items() if k.startswith(("test_", "client_", "heldout_"))}
+    return {k: v for k, v in row.items()
+            if k.startswith(("test_", "client_", "heldout_", "backdoor_"))}
 
 
 def communication_totals(history: list[dict]) -> dict:

@@ -178,7 +178,7 @@ def data_digest(data) -> str | None:
 
 def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_round,
                  eval_every, seed, engine, input_key, eval_data, client_eval_data,
-                 privacy=None, batch_norm=None, initial_params=None) -> dict:
+                 privacy=None, batch_norm=None, initial_params=None, attack=None) -> dict:
     """What identifies a run of `simulate()` when no config is given: checked on resume.
 
     Optimizer hyperparameters live inside optax closures: an optimizer is described by
@@ -196,4 +196,5 @@ def describe_run(*, model, algorithm, train_data, task, aggregator, clients_per_
         "privacy": describe(privacy),
         **({"batch_norm": batch_norm} if batch_norm is not None else {}),
         **({"initial_params": checksum(initial_params)} if initial_params is not None else {}),
+        **({"attack": attack.describe()} if attack is not None else {}),
     }

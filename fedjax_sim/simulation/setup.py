@@ -9,6 +9,7 @@ Nothing here runs a round; `simulation.loop` does.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Any, Callable
 
@@ -124,6 +125,10 @@ class RunRequest:
       privacy) in the history, metrics.jsonl, callbacks and TensorBoard. Nothing else
       changes: every round's numbers are those of a run without it. A run resumed from a
       checkpoint keeps the rows the checkpoint holds (with or without round 0).
+    attack: malicious clients (`fedjax_sim.attacks.Attack`): which clients, and what they
+      do to their data and to the updates they send. Every round logs
+      `malicious_clients` (how many of its cohort are malicious); a backdoor also logs
+      `backdoor_success` (on `eval_data`, triggered) at every evaluation.
     tensorboard: write every round's metrics as TensorBoard scalars (step = round), and
       the summary and hyperparameters at the end (`fedjax_sim.simulation.tracking`): True
       for `<workdir>/tensorboard`, or a directory path. Needs tensorboardX (the `tracking`
@@ -160,6 +165,7 @@ class RunRequest:
     metadata: dict | None = None
     evaluate_initial: bool = False
     tensorboard: bool | str = False
+    attack: Any = None
 
 
 @dataclasses.dataclass
@@ -235,6 +241,7 @@ def plan_run(request: RunRequest) -> RunPlan:
                         "needs client_eval_data (per-client test splits, e.g. from "
                         "clients.split(0.2, seed=0)) or heldout_data=(train split, test split)")
     private, aggregator, schedule = _privacy_and_schedule(r)
+    attack, malicious, poisoned = _attack(r.attack, r.train_data)
 
     root = jax.random.key(r.seed)
     params, model_state = _initial_model(model, root, r.initial_params)
@@ -245,8 +252,8 @@ def plan_run(request: RunRequest) -> RunPlan:
         warnings.warn(f"{type(algorithm).__name__} has no global model to test and no "
                       f"client_eval_data was given, so nothing will be evaluated; pass "
                       f"client_eval_data to evaluate each client's personal model", stacklevel=3)
-    datasets = {"train": r.train_data, "eval": r.eval_data, "client_eval": r.client_eval_data,
-                "heldout": heldout}
+    datasets = {"train": poisoned, "eval": r.eval_data, "client_eval": r.client_eval_data,
+                "heldout": heldout, "triggered": _triggered(attack, r.eval_data)}
     cache_info = None
     if use_feature_cache(r.feature_cache, model, params, preprocess):
         model, datasets, cache_info = cache_features(model, params, model_state, preprocess,
@@ -277,7 +284,10 @@ def plan_run(request: RunRequest) -> RunPlan:
                            clients_per_round=r.clients_per_round,
                            clients_per_chunk=choice["clients_per_chunk"], unroll=choice["unroll"],
                            sampling=sampling, preprocess=preprocess, stats_mode=stats_mode,
-                           mesh=mesh)
+                           mesh=mesh, attack=attack.update if attack else None,
+                           malicious=malicious)
+    check_stacked_cohort(program.stacked_cohort_bytes(params), program.clients_per_round,
+                         backend)
     data_placement = resolve_data_placement(
         r.engine.data_placement, data_bytes(train_data), parse_bytes(r.engine.device_data_budget),
         None if backend == "cpu" else device_memory_bytes())
@@ -298,11 +308,56 @@ def plan_run(request: RunRequest) -> RunPlan:
         clients_per_round=r.clients_per_round, eval_every=r.eval_every, seed=r.seed,
         engine=r.engine, input_key=r.input_key, eval_data=datasets["eval"],
         client_eval_data=datasets["client_eval"], privacy=r.privacy, batch_norm=batch_norm,
-        initial_params=r.initial_params)
+        initial_params=r.initial_params, attack=attack)
     return RunPlan(r, model, algorithm, train_data, task, aggregator, private, schedule,
                    batch_norm, root, params, model_state, stats, program, choice, backend,
                    client_states, data_placement, streamer, data, evaluators, describe,
                    cache_info)
+
+
+# A stacked cohort may take at most this share of the device's memory (of the host's on CPU).
+STACKED_COHORT_FRACTION = 0.5
+
+
+def check_stacked_cohort(need: int, slots: int, backend: str, limit: int | None = None) -> None:
+    """Refuses, before compiling, a round whose stacked cohort (a robust rule, a secure sum,
+    an attack that forges from the whole cohort: every client's update at once) would
+    take more than STACKED_COHORT_FRACTION of the memory; `limit`: that memory in bytes
+    (default: the device's, or the host's on CPU)."""
+    if not need:
+        return
+    if limit is None:
+        limit = (device_memory_bytes() if backend != "cpu" else
+                 os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if limit is None or need <= STACKED_COHORT_FRACTION * limit:
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    raise UserError(f"the aggregation holds every client's update at once: {slots} cohort slots x "
+                    f"{gib(need / slots)} = {gib(need)}, more than half of the {gib(limit)} this "
+                    f"{'host' if backend == 'cpu' else 'device'} has; lower clients_per_round (or "
+                    f"the Poisson cap, privacy.max_cohort_size), or use an aggregation that streams "
+                    f"the weighted sum (no robust rule, secure sum or whole-cohort attack)")
+
+
+def _attack(attack, train_data):
+    """(the attack, its [C] malicious mask, the training data as the malicious clients
+    poisoned it); (None, None, the data) without an attack."""
+    if attack is None:
+        return None, None, train_data
+    from fedjax_sim.attacks import Attack
+
+    if not isinstance(attack, Attack):
+        raise UserError(f"attack must be a fedjax_sim.attacks.Attack, e.g. "
+                        f"Attack(fraction=0.2, update=fs.attacks.sign_flip()), got {attack!r}")
+    malicious = attack.malicious(train_data.client_ids)
+    return attack, malicious, attack.poison(train_data, malicious)
+
+
+def _triggered(attack, eval_data):
+    """The test examples a backdoor's success is measured on (None without one)."""
+    if attack is None or attack.data is None or attack.data.triggered is None or eval_data is None:
+        return None
+    return attack.data.triggered(eval_data)
 
 
 def _preprocess(preprocess, train_data, input_key):
@@ -395,6 +450,9 @@ def _evaluators(r: RunRequest, model, task, algorithm, datasets, preprocess, roo
     central = None
     if datasets["eval"] is not None and algorithm.global_model:  # FedPer's head never trains
         central = CentralEvaluator(model, task, datasets["eval"], **common)
+    backdoor = None
+    if datasets.get("triggered") is not None and algorithm.global_model:
+        backdoor = CentralEvaluator(model, task, datasets["triggered"], **common)
     per_client = None
     if datasets["client_eval"] is not None:
         personalize = algorithm.personal_params if algorithm.personalized else None
@@ -411,7 +469,7 @@ def _evaluators(r: RunRequest, model, task, algorithm, datasets, preprocess, roo
             model, task, test_on, global_model=algorithm.global_model,
             finetune=r.finetune if tune_on is not None else None, train_data=tune_on,
             root=jax.random.fold_in(root, HELDOUT_STREAM), **common)
-    return Evaluators(central, per_client, heldout)
+    return Evaluators(central, per_client, heldout, backdoor)
 
 
 def _check_evaluate_initial(evaluate_initial, evaluators: Evaluators) -> None:
