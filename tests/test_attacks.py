@@ -367,3 +367,22 @@ def test_attack_under_client_level_dp_is_clipped_like_any_update():
     _, _, result = _run(attack, rounds=2, privacy=dp(clip))
     # the two boosted updates, and only they, are clipped
     assert [r["dp_clipped_fraction"] for r in result.history] == [0.25, 0.25]
+
+
+def test_a_sweep_of_attacked_runs_equals_each_run_alone():
+    attack = Attack(clients=BAD, update=fs.attacks.little_is_enough())
+
+    def run(seed):
+        alg = fs.algorithms.fedavg(optax.sgd(LR), local_epochs=1, batch_size=2,
+                                   weighting="uniform")
+        return dict(model=logistic_regression((FEATURES,), CLASSES), algorithm=alg,
+                    train_data=_toy(), rounds=3, clients_per_round=6, seed=seed, attack=attack,
+                    aggregator=fs.aggregators.trimmed_mean(0.2), eval_every=100)
+
+    sweep = fs.sweep(run, {"seed": [0, 1]}, progress=False)
+    for trial in sweep.trials:
+        alone = fs.simulate(**run(trial.settings["seed"]), progress=False)
+        for got, want in zip(_final(trial.result), _final(alone)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert [r["malicious_clients"] for r in trial.result.history] == \
+            [r["malicious_clients"] for r in alone.history]
