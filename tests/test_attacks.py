@@ -386,3 +386,24 @@ def test_a_sweep_of_attacked_runs_equals_each_run_alone():
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert [r["malicious_clients"] for r in trial.result.history] == \
             [r["malicious_clients"] for r in alone.history]
+
+
+def test_clipping_then_a_robust_rule_then_noise_composes_in_a_chain():
+    """chain(clip(C), coordinate_median(), gaussian(z, m)): the server's aggregate is
+    (median of the clipped updates x n + noise) / m; with z = 0, exactly the median x n / m."""
+    clip, m = 0.05, 10.0
+    A = fs.aggregators
+    aggregator = A.chain(A.clip(clip), A.coordinate_median(), A.gaussian(0.0, expected_clients=m))
+    data, model, result = _run(Attack(clients=BAD, update=fs.attacks.scale(50.0)), rounds=2,
+                               aggregator=aggregator)
+
+    def forge(d, r):
+        out = d.copy()
+        out[BAD] *= 50.0
+        out *= np.minimum(1.0, clip / np.linalg.norm(out, axis=1, keepdims=True))
+        # _numpy_rounds takes the mean over the C rows: give it C rows of median x n / m
+        return np.repeat(np.median(out, axis=0)[None] * len(out) / m, len(out), axis=0)
+
+    expected = _numpy_rounds(data, model, 2, forge)
+    for got, want in zip(_final(result), expected):
+        np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-6)
