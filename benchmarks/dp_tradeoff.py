@@ -10,7 +10,9 @@ prints a markdown table: final test accuracy (mean ± std over seeds; the data s
 same, the training seed varies) and ε after the 50 rounds. A second block adds the noise of
 a 1,000-client cohort (`noise_cohort_size=1000`): the std on the mean update falls from
 z·C/20 to z·C/1000, as for a population 50× larger sampled at the same rate (ε is then
-that population's).
+that population's). A third block runs DP-FTRL (configs/digits_dp_ftrl.py: no sampling,
+each client every 5 rounds, 5-band BandMF noise) at the ε of the z = 1 and z = 2 rows, its
+noise multiplier calibrated to that ε (`--ftrl-only` runs only this block).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import warnings
 from fedjax_sim.cli.config import load_config
 from fedjax_sim.cli.experiment import run
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "digits_dp_fedavg.py")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG = os.path.join(CONFIGS, "digits_dp_fedavg.py")
+FTRL_CONFIG = os.path.join(CONFIGS, "digits_dp_ftrl.py")
 
 
-def _one(overrides: dict, seed: int) -> tuple[float, float | None]:
-    config = load_config(CONFIG, {**{k: str(v) for k, v in overrides.items()}, "seed": str(seed)})
+def _one(overrides: dict, seed: int, path: str = CONFIG) -> tuple[float, float | None]:
+    config = load_config(path, {**{k: str(v) for k, v in overrides.items()}, "seed": str(seed)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # z = 0 has ε = inf, which warns
         result = run(config, None, progress=False)
@@ -40,6 +43,7 @@ def _one(overrides: dict, seed: int) -> tuple[float, float | None]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ftrl-only", action="store_true", help="only the DP-FTRL rows")
     args = parser.parse_args()
     rows = [("no DP (no clipping, fixed cohorts)", {"privacy": "None"})]
     rows += [(f"z = {z:g}" + (" (clipping only)" if z == 0 else ""),
@@ -47,10 +51,21 @@ def main():
     rows += [(f"z = {z:g}, noise of a 1,000-client cohort",
               {"privacy.noise_multiplier": z, "privacy.noise_cohort_size": 1000})
              for z in (1.0, 2.0)]
+    from fedjax_sim.privacy.matrix_factorization import calibrate_noise_multiplier
+
+    for target in (8.31, 2.74):  # the ε of the z = 1 and z = 2 rows
+        z = calibrate_noise_multiplier(target, rounds=50, min_separation=5, delta=1e-3)
+        rows.append((f"DP-FTRL, BandMF (z = {z:.3f}: ε of DP-FedAvg's z = "
+                     f"{1 if target > 5 else 2})", {"privacy.noise_multiplier": round(z, 4),
+                                                    "_config": FTRL_CONFIG}))
+    if args.ftrl_only:
+        rows = rows[-2:]
     print("| run | test accuracy | ε (δ = 1e-3, 50 rounds) |")
     print("|---|---|---|")
     for name, overrides in rows:
-        results = [_one(overrides, seed) for seed in range(args.seeds)]
+        overrides = dict(overrides)
+        path = overrides.pop("_config", CONFIG)
+        results = [_one(overrides, seed, path) for seed in range(args.seeds)]
         acc = [a for a, _ in results]
         eps = results[0][1]
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from fedjax_sim import data as fdata
 from fedjax_sim.algorithms import ditto, fedavg, fednova, fedper, fedprox, scaffold
-from fedjax_sim.privacy import ClientLevelDP, ExampleLevelDP
+from fedjax_sim.privacy import ClientLevelDP, ExampleLevelDP, MatrixFactorizationDP
 
 __all__ = ["AlgorithmEntry", "DataSource", "ALGORITHMS", "DATA_SOURCES", "PRIVACY_LEVELS",
            "PARTITION_KEYS", "COMMON_DATA_KEYS", "all_data_keys", "client_dp_algorithms"]
@@ -178,4 +178,5 @@ def all_data_keys() -> tuple[str, ...]:
 
 
 # -- privacy ------------------------------------------------------------------------------
-PRIVACY_LEVELS: dict[str, Any] = {"client": ClientLevelDP, "example": ExampleLevelDP}
+PRIVACY_LEVELS: dict[str, Any] = {"client": ClientLevelDP, "example": ExampleLevelDP,
+                                  "dp_ftrl": MatrixFactorizationDP}

@@ -311,8 +311,10 @@ def test_override_of_an_absent_section_says_what_else_it_needs(capsys):
     line = _error_line(capsys, "--config.privacy.noise_multiplier=1")
     assert line == (
         "error: config.privacy.level is missing; set it to 'client' (DP-FedAvg; it also needs "
-        "noise_multiplier, delta) or 'example' (DP-SGD in every client; it also needs clip_norm, "
-        "noise_multiplier, sampling_rate, delta), e.g. --config.privacy.level=client "
+        "noise_multiplier, delta), 'example' (DP-SGD in every client; it also needs clip_norm, "
+        "noise_multiplier, sampling_rate, delta) or 'dp_ftrl' (DP-FTRL, banded matrix "
+        "factorization; it also needs noise_multiplier, clip_norm, delta), e.g. "
+        "--config.privacy.level=client "
         "--config.privacy.noise_multiplier=1.0 --config.privacy.clip_norm=1.0 "
         "--config.privacy.delta=1e-5")
     line = _error_line(capsys, "--config.privacy.level=example", "--config.privacy.clip_norm=1")

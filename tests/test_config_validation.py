@@ -253,10 +253,16 @@ BAD = [
     # privacy
     ("digits_dp_fedavg", {"privacy": "'yes'"}, "config.privacy must be a section"),
     ("digits_dp_fedavg", {"privacy.level": "'user'"},
-     "config.privacy.level must be one of ['client', 'example']"),
+     "config.privacy.level must be one of ['client', 'example', 'dp_ftrl']"),
     ("digits_dp_fedavg", {"privacy.level": "None"},
      "config.privacy.level is missing; set it to 'client' (DP-FedAvg; it also needs "
-     "noise_multiplier, delta) or 'example' (DP-SGD in every client; it also needs clip_norm, "),
+     "noise_multiplier, delta), 'example' (DP-SGD in every client; it also needs clip_norm, "),
+    ("digits_dp_ftrl", {"privacy.min_separation": "10"},
+     "config.privacy: privacy.min_separation=10 splits the 100 clients into groups of 10, fewer "
+     "than clients_per_round=20"),
+    ("digits_dp_ftrl", {"privacy.bands": "0"}, "config.privacy.bands must be an integer >= 1, got 0"),
+    ("digits_dp_ftrl", {"privacy.sampling": "'fixed'"},
+     "config.privacy.sampling applies to level='client'"),
     ("digits_dp_fedavg", {"privacy.clip_norm": "0"}, "config.privacy.clip_norm must be a number > 0, got 0"),
     ("digits_dp_fedavg", {"privacy.clip_norm": "-1"}, "config.privacy.clip_norm must be a number > 0"),
     ("digits_dp_fedavg", {"privacy.noise_multiplier": "-0.5"},

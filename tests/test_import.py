@@ -16,7 +16,7 @@ from fedjax_sim.privacy import accounting
 
 # Each of these takes from a tenth of a second to seconds to import.
 FEATURE_ONLY = ["tensorflow_datasets", "orbax", "h5py", "dp_accounting", "scipy", "sklearn",
-                "tenseal", "safetensors", "PIL", "tqdm", "ml_collections", "matplotlib",
+                "tenseal", "safetensors", "PIL", "tqdm", "ml_collections", "matplotlib", "jax_privacy",
                 "tensorflow"]
 
 # The package's own import, then the command line's (which needs ml_collections for its

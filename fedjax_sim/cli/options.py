@@ -113,7 +113,8 @@ def _required(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
 
 
-_LEVELS = {"client": "DP-FedAvg", "example": "DP-SGD in every client"}
+_LEVELS = {"client": "DP-FedAvg", "example": "DP-SGD in every client",
+           "dp_ftrl": "DP-FTRL, banded matrix factorization"}
 
 
 def _privacy_level(values: dict) -> str:
@@ -122,9 +123,9 @@ def _privacy_level(values: dict) -> str:
     if isinstance(level, str) and level in registry.PRIVACY_LEVELS:
         return level
     if level is None:
-        needs = " or ".join(f"{name!r} ({_LEVELS.get(name, name)}; it also needs "
-                            f"{', '.join(_required(cls))})"
-                            for name, cls in registry.PRIVACY_LEVELS.items())
+        choices = [f"{name!r} ({_LEVELS.get(name, name)}; it also needs "
+                   f"{', '.join(_required(cls))})" for name, cls in registry.PRIVACY_LEVELS.items()]
+        needs = ", ".join(choices[:-1]) + " or " + choices[-1]
         raise UserError(f"config.privacy.level is missing; set it to {needs}, e.g. "
                         f"--config.privacy.level=client --config.privacy.noise_multiplier=1.0 "
                         f"--config.privacy.clip_norm=1.0 --config.privacy.delta=1e-5")

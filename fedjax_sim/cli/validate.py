@@ -39,7 +39,7 @@ from fedjax_sim.data import PARTITIONERS
 from fedjax_sim.errors import UserError
 from fedjax_sim.models import ZOO, tasks
 from fedjax_sim.models.pretrained import FORMATS as PRETRAINED_FORMATS
-from fedjax_sim.privacy import ClientLevelDP
+from fedjax_sim.privacy import ClientLevelDP, MatrixFactorizationDP
 from fedjax_sim.simulation import BATCH_NORM_MODES, resolve_engine
 from fedjax_sim.cli import layout
 from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, distributed_options,
@@ -296,17 +296,26 @@ def _check_preprocess(config) -> None:
     _check_section(config, "preprocess", preprocess_options)
 
 
-def _check_privacy(config) -> None:
+def _check_privacy(config, num_clients: int | None) -> None:
     options = privacy_options(config)
-    if not isinstance(options, ClientLevelDP):
+    if isinstance(options, MatrixFactorizationDP):
+        m = config["clients_per_round"]
+        separation = options.min_separation
+        if num_clients is not None and separation is not None and num_clients // separation < m:
+            raise UserError(f"config.privacy: privacy.min_separation={separation} splits the "
+                            f"{num_clients} clients into groups of {num_clients // separation}, "
+                            f"fewer than clients_per_round={m}; lower min_separation to at most "
+                            f"{num_clients // m}")
+    if not isinstance(options, (ClientLevelDP, MatrixFactorizationDP)):
         return
     weighting = get(config["algorithm"], "weighting", "num_examples")
     if weighting != "uniform":
-        raise UserError(f"config.privacy.level='client' needs config.algorithm.weighting='uniform', "
+        level = get(config["privacy"], "level")
+        raise UserError(f"config.privacy.level={level!r} needs config.algorithm.weighting='uniform', "
                         f"got {weighting!r}: weighting by example counts makes one client's "
                         f"influence on the aggregate, and so the noise it needs, depend on its "
                         f"data; set config.algorithm.weighting='uniform'")
-    adaptive = options.adaptive_clipping
+    adaptive = getattr(options, "adaptive_clipping", None)
     if adaptive is None:
         return
     # dp_fedavg splits the noise multiplier between the clipped count and the update.
@@ -346,7 +355,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_engine(config)
         _check_section(config, "checkpoint", checkpoint_options)
         _check_section(config, "distributed", distributed_options)
-        _check_privacy(config)
+        _check_privacy(config, num_clients)
         aggregator_options(config)  # its messages name config.aggregator.<key> themselves
         attack_options(config)
         broadcast_options(config, build_algorithm(config["algorithm"]))

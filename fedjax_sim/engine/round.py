@@ -54,12 +54,31 @@ class ClientSampling(NamedTuple):
     independently with probability `rate`; the joined clients fill the `slots` (a cap,
     chosen so that overflow is vanishingly rare; if more join, a uniformly random subset
     of `slots` of them is kept) and empty slots hold a client with weight 0 whose work is
-    discarded, so shapes stay static.
+    discarded, so shapes stay static. 'cyclic': the clients are split once into `groups`
+    groups (`cyclic_groups`); round r draws `slots` clients uniformly without replacement
+    from group r mod `groups`, so a client takes part at most once every `groups` rounds
+    ((k, b)-participation with b = `groups`, as DP-FTRL's accounting assumes).
     """
 
-    kind: str  # 'fixed' | 'poisson'
+    kind: str  # 'fixed' | 'poisson' | 'cyclic'
     slots: int
     rate: float | None = None
+    groups: int | None = None
+
+
+# The seed of the one split of the population into cyclic groups (a public fact of the run).
+CYCLIC_GROUPS_SEED = 0xC7C1
+
+
+def cyclic_groups(num_clients: int, groups: int) -> np.ndarray:
+    """[groups, ceil(C / groups)] int32: the clients of each cyclic group (a seeded random
+    split into groups whose sizes differ by at most one), padded with -1."""
+    order = np.random.default_rng(CYCLIC_GROUPS_SEED).permutation(num_clients)
+    width = -(-num_clients // groups)
+    table = np.full((groups, width), -1, np.int32)
+    for g, members in enumerate(np.array_split(order, groups)):
+        table[g, :len(members)] = members
+    return table
 
 
 class SimState(NamedTuple):
@@ -290,6 +309,11 @@ class RoundProgram:
         self.num_clients, self.max_client_size = num_clients, max_client_size
         self.sampling = sampling or ClientSampling("fixed", clients_per_round)
         self.clients_per_round = self.sampling.slots
+        if self.sampling.kind == "cyclic" and num_clients // self.sampling.groups < self.sampling.slots:
+            raise UserError(f"cyclic participation in {self.sampling.groups} groups of "
+                            f"{num_clients} clients leaves {num_clients // self.sampling.groups} "
+                            f"clients per group, fewer than the {self.sampling.slots} a round "
+                            f"takes; lower privacy.min_separation or clients_per_round")
         self.clients_per_chunk, self.unroll = clients_per_chunk, unroll
         self.mesh = mesh
         self.attack, self.malicious = self._check_attack(attack, malicious, aggregator, num_clients)
@@ -557,6 +581,13 @@ class RoundProgram:
         if self.sampling.kind == "poisson":
             cohort, live = poisson_cohort(k_sample, self.num_clients, self.sampling.rate,
                                           self.clients_per_round)
+        elif self.sampling.kind == "cyclic":
+            table = jnp.asarray(cyclic_groups(self.num_clients, self.sampling.groups))
+            members = table[r % self.sampling.groups]
+            # a uniformly random order of the group's members, padding last
+            keys = jnp.where(members >= 0, jax.random.uniform(k_sample, members.shape), 2.0)
+            cohort = members[jnp.argsort(keys)[:self.clients_per_round]]
+            live = jnp.ones(self.clients_per_round, bool)
         else:
             cohort = sample_cohort(k_sample, self.num_clients, self.clients_per_round)
             live = jnp.ones(self.clients_per_round, bool)

@@ -204,6 +204,44 @@ class ClientLevelDP:
 
 
 @dataclasses.dataclass(frozen=True)
+class MatrixFactorizationDP:
+    """DP-FTRL with banded matrix factorization (BandMF): client-level DP without sampling.
+
+    Every client's update is clipped to `clip_norm`; the server adds noise correlated
+    across rounds (`fedjax_sim.aggregators.matrix_factorization`) and divides by
+    clients_per_round. The clients are split once into `min_separation` groups and round t
+    draws its cohort from group t mod min_separation, so a client takes part at most once
+    every `min_separation` rounds; ε follows from the strategy's sensitivity under that
+    participation (`fedjax_sim.privacy.matrix_factorization`).
+
+    noise_multiplier: z; the noise on C x has std z · clip_norm per coordinate.
+    clip_norm: C, each client's update clipped to this L2 norm.
+    delta: δ of the (ε, δ) guarantee (add or remove one client).
+    min_separation: b, rounds between two participations of a client (default:
+      num_clients // clients_per_round, one pass over the clients per b rounds).
+    bands: the strategy's bands (default: min(min_separation, rounds)); more bands than
+      min_separation raise the sensitivity. 1 is DP-SGD's independent noise.
+    accountant: 'pld' (default) or 'rdp'.
+    target_epsilon: stop training before ε would exceed it.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    min_separation: int | None = None
+    bands: int | None = None
+    accountant: str = "pld"
+    target_epsilon: float | None = None
+
+    def __post_init__(self):
+        _real("privacy.noise_multiplier", self.noise_multiplier, low=0)
+        _real("privacy.clip_norm", self.clip_norm, low=0, low_open=True)
+        _int("privacy.min_separation", self.min_separation, 1, optional=True)
+        _int("privacy.bands", self.bands, 1, optional=True)
+        _common(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExampleLevelDP:
     """DP-SGD in every client: Poisson batches, per-example clipping, Gaussian noise.
 
@@ -233,5 +271,5 @@ class ExampleLevelDP:
         _common(self)
 
 
-__all__ = ["ClientLevelDP", "ExampleLevelDP", "AdaptiveClipping", "SecureAggregation", "Accountant", "SampledGaussian",
+__all__ = ["ClientLevelDP", "MatrixFactorizationDP", "ExampleLevelDP", "AdaptiveClipping", "SecureAggregation", "Accountant", "SampledGaussian",
            "epsilon", "calibrate_noise", "default_cap", "ACCOUNTANTS", "CLIENT_SAMPLINGS"]

@@ -26,12 +26,15 @@ import warnings
 
 import numpy as np
 
-from fedjax_sim.aggregators import ROUND_FAILED, chain, dp_fedavg
+from fedjax_sim.aggregators import ROUND_FAILED, chain, clip, dp_fedavg
+from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian
 from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_setting
 from fedjax_sim.engine.round import ClientSampling
 from fedjax_sim.errors import UserError
-from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP, SampledGaussian,
-                                default_cap)
+from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP,
+                                MatrixFactorizationDP, SampledGaussian, default_cap)
+from fedjax_sim.privacy.matrix_factorization import (BandMFAccountant, BandMFMechanism,
+                                                     bandmf_coefficients)
 from fedjax_sim.privacy.skellam import SampledSkellam
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
 from fedjax_sim.registry import client_dp_algorithms
@@ -105,6 +108,41 @@ def _distributed(privacy, gaussian: SampledGaussian, entries: int | None, client
                                      dropout_rate=secure.dropout_rate)
 
 
+def _check_client_level(aggregator, algorithm) -> None:
+    """What every client-level mechanism needs of the run (DP-FedAvg checks the same)."""
+    if aggregator is not None and aggregator.reduce is not None:
+        raise UserError("client-level DP cannot follow an aggregator part that reduces the cohort "
+                        "itself (a robust rule, secure or encrypted aggregation): its output can "
+                        "move by more than the clip norm when one client joins or leaves")
+    if getattr(algorithm, "client_dp", None):
+        raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
+                        f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())}")
+    if getattr(algorithm, "weighting", None) != "uniform":
+        raise UserError("client-level DP needs algorithm weighting='uniform' (config: "
+                        "algorithm.weighting): weighting by example counts makes one client's "
+                        "influence depend on its data")
+
+
+def _matrix_factorization(privacy, aggregator, num_clients: int, clients_per_round: int,
+                          rounds: int):
+    """(the mechanism, the cyclic sampling, the aggregator) of DP-FTRL with BandMF."""
+    separation = privacy.min_separation or max(1, num_clients // clients_per_round)
+    if num_clients // separation < clients_per_round:
+        raise UserError(f"privacy.min_separation={separation} splits the {num_clients} clients into "
+                        f"groups of {num_clients // separation}, fewer than clients_per_round="
+                        f"{clients_per_round}; lower min_separation to at most "
+                        f"{num_clients // clients_per_round}")
+    bands = min(privacy.bands or separation, rounds)
+    coefficients = bandmf_coefficients(rounds, bands)
+    mechanism = BandMFMechanism(privacy.noise_multiplier, coefficients, separation, rounds)
+    private_part = chain(clip(privacy.clip_norm), correlated_gaussian(
+        privacy.noise_multiplier, coefficients=coefficients,
+        expected_clients=float(clients_per_round)))
+    sampling = ClientSampling("cyclic", clients_per_round, groups=separation)
+    return mechanism, sampling, (private_part if aggregator is None
+                                 else chain(aggregator, private_part))
+
+
 class PrivatePlan:
     """Builds the private parts of a run and keeps its privacy ledger.
 
@@ -123,7 +161,12 @@ class PrivatePlan:
         self.num_clients = num_clients
         self.aggregator, self.sampling, self.schedule_args, self.example_noise = None, None, {}, None
         self.steps_per_round = 1
-        if isinstance(privacy, ClientLevelDP):
+        if isinstance(privacy, MatrixFactorizationDP):
+            self.level = "client"
+            _check_client_level(aggregator, algorithm)
+            mechanism, self.sampling, self.aggregator = _matrix_factorization(
+                privacy, aggregator, num_clients, clients_per_round, rounds)
+        elif isinstance(privacy, ClientLevelDP):
             self.level = "client"
             if aggregator is not None and aggregator.reduce is not None:
                 raise UserError(
@@ -192,7 +235,10 @@ class PrivatePlan:
                             f"{type(privacy).__name__}")
         self.mechanism = mechanism
         with _quiet_accounting():
-            self.accountant = Accountant(mechanism, delta=privacy.delta, accountant=privacy.accountant)
+            self.accountant = (
+                BandMFAccountant(mechanism, delta=privacy.delta, accountant=privacy.accountant)
+                if isinstance(mechanism, BandMFMechanism)
+                else Accountant(mechanism, delta=privacy.delta, accountant=privacy.accountant))
         self.participation = np.zeros(num_clients, np.int64)
         self._peak = 0  # participation.max(), kept up to date (counts only grow)
         self._warned_unbounded = False
@@ -323,6 +369,13 @@ class PrivatePlan:
                 out["distributed"] = {"mechanism": "skellam", "l2_sensitivity": m.l2_sensitivity,
                                       "l1_sensitivity": m.l1_sensitivity,
                                       "sum_noise_variance": m.variance}
+            if isinstance(self.mechanism, BandMFMechanism):  # DP-FTRL
+                m = self.mechanism
+                out["matrix_factorization"] = {
+                    "strategy": "banded_toeplitz", "bands": len(m.coefficients),
+                    "min_separation": m.min_separation,
+                    "max_participations": math.ceil(done / m.min_separation) if done else 0,
+                    "sensitivity": self.accountant.sensitivity(max(done, 1))}
         else:
             out.update(max_batch_size=self.schedule_args["batch_size"],
                        local_steps=self.steps_per_round,

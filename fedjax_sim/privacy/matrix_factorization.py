@@ -1,0 +1,153 @@
+"""DP-FTRL's privacy: a banded matrix-factorization mechanism under cyclic participation.
+
+Over n rounds the server releases C x + σ Z (module doc of
+`fedjax_sim.aggregators.matrix_factorization`), one Gaussian mechanism on C x. With every
+client's update clipped to norm C_clip and each client taking part at most k times, at
+least b rounds apart ((k, b)-participation: the cyclic groups of `ClientSampling`), adding
+or removing one client moves C x by at most C_clip · sens(C; b, k), where sens is the
+largest norm of a sum of k columns of C at least b apart
+(`jax_privacy.matrix_factorization.toeplitz.minsep_sensitivity_squared`; √k when the
+bands are at most b and the columns have unit norm). σ = z · C_clip, so after t rounds
+(k_t = ⌈t / b⌉ participations at most) the release is a Gaussian mechanism with noise
+multiplier z / sens(C[:t, :t]; b, k_t), and ε(δ) is that mechanism's (dp_accounting, RDP
+or PLD). No sampling is assumed, so no amplification is claimed.
+
+The strategy is BandMF's: the banded Toeplitz C with unit-norm columns that minimizes the
+mean error of the prefix sums (`toeplitz.optimize_banded_toeplitz`, Choquette-Choo et al.
+2023, McKenna 2024); one band is DP-SGD's C = I (independent noise every round).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from fedjax_sim.errors import UserError
+
+
+def jax_privacy_toeplitz():
+    """`jax_privacy.matrix_factorization.toeplitz`, or a one-line error saying how to get it."""
+    try:
+        from jax_privacy.matrix_factorization import toeplitz
+    except ImportError:
+        raise UserError("DP-FTRL (MatrixFactorizationDP) needs jax_privacy: "
+                        "pip install 'fedjax_sim[dpftrl]'") from None
+    return toeplitz
+
+
+@functools.lru_cache(maxsize=32)
+def bandmf_coefficients(rounds: int, bands: int) -> tuple[float, ...]:
+    """The `bands` coefficients (c₀ … c_{b−1}, unit norm) of the banded Toeplitz strategy for
+    `rounds` rounds that minimizes the prefix sums' mean squared error."""
+    if bands < 1 or rounds < 1:
+        raise UserError(f"bands and rounds must be >= 1, got bands={bands}, rounds={rounds}")
+    bands = min(bands, rounds)
+    if bands == 1:
+        return (1.0,)
+    toeplitz = jax_privacy_toeplitz()
+    coef = np.asarray(toeplitz.optimize_banded_toeplitz(n=rounds, bands=bands), np.float64)
+    return tuple(float(c) for c in coef / np.linalg.norm(coef))
+
+
+def sensitivity(coefficients, *, rounds: int, min_separation: int,
+                max_participations: int | None = None) -> float:
+    """sens(C; b, k) of the first `rounds` rounds of the banded Toeplitz strategy: the
+    largest L2 norm of a sum of at most k columns (k: by default ⌈rounds / b⌉) at least
+    b = `min_separation` apart (jax_privacy's minsep sensitivity)."""
+    import jax.numpy as jnp
+
+    toeplitz = jax_privacy_toeplitz()
+    k = max_participations or math.ceil(rounds / min_separation)
+    return math.sqrt(float(toeplitz.minsep_sensitivity_squared(
+        jnp.asarray(coefficients, jnp.float32), min_sep=min_separation, max_participations=k,
+        n=rounds)))
+
+
+def gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str = "pld") -> float:
+    """ε(δ) of one Gaussian mechanism with this noise multiplier (std / sensitivity)."""
+    if noise_multiplier <= 0:
+        return math.inf
+    return _gaussian_epsilon(round(float(noise_multiplier), 12), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str) -> float:
+    import dp_accounting
+    from dp_accounting.pld import privacy_loss_distribution
+
+    if accountant == "pld":  # pessimistic discretization at 1e-3, as the DP-FedAvg ledger's
+        return float(privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=noise_multiplier, value_discretization_interval=1e-3,
+        ).get_epsilon_for_delta(delta))
+    acct = dp_accounting.rdp.RdpAccountant()
+    return float(acct.compose(dp_accounting.GaussianDpEvent(noise_multiplier)).get_epsilon(delta))
+
+
+class BandMFMechanism:
+    """The facts of a run's DP-FTRL mechanism the ledger and the summary read."""
+
+    sampling = "cyclic"
+    sampling_rate = None
+
+    def __init__(self, noise_multiplier: float, coefficients, min_separation: int, rounds: int):
+        self.noise_multiplier = float(noise_multiplier)
+        self.coefficients = tuple(coefficients)
+        self.min_separation = int(min_separation)
+        self.rounds = int(rounds)
+
+    def overflow_probability(self) -> float:
+        return 0.0
+
+
+class BandMFAccountant:
+    """ε after t rounds of `BandMFMechanism` (module doc), computed once per t."""
+
+    def __init__(self, mechanism: BandMFMechanism, *, delta: float, accountant: str = "pld"):
+        self.mechanism, self.delta, self.accountant = mechanism, float(delta), accountant
+        self._by_rounds: dict[int, float] = {}
+
+    def sensitivity(self, rounds: int) -> float:
+        m = self.mechanism
+        return sensitivity(m.coefficients, rounds=max(1, rounds), min_separation=m.min_separation)
+
+    def epsilon(self, rounds: int) -> float:
+        if rounds <= 0:
+            return 0.0
+        if rounds not in self._by_rounds:
+            z = self.mechanism.noise_multiplier / self.sensitivity(rounds)
+            self._by_rounds[rounds] = gaussian_epsilon(z, self.delta, self.accountant)
+        return self._by_rounds[rounds]
+
+    def max_count(self, target_epsilon: float, limit: int) -> int:
+        """The most rounds t <= limit with ε(t) <= target (ε grows with t)."""
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.epsilon(mid) <= target_epsilon:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, min_separation: int,
+                               delta: float, bands: int | None = None,
+                               accountant: str = "pld") -> float:
+    """The smallest noise multiplier z (to 1e-4 relative) whose DP-FTRL run of `rounds`
+    rounds with this participation and strategy has ε(δ) <= `target_epsilon`."""
+    if not target_epsilon > 0:
+        raise UserError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    coef = bandmf_coefficients(rounds, min(bands or min_separation, rounds))
+    sens = sensitivity(coef, rounds=rounds, min_separation=min_separation)
+    eps = lambda z: gaussian_epsilon(z / sens, delta, accountant)  # noqa: E731
+    lo, hi = 1e-3, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise UserError(f"no noise multiplier reaches ε = {target_epsilon:g} at δ = {delta:g}")
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    return hi
