@@ -16,11 +16,12 @@ from fedjax_sim import aggregators, algorithms, attacks, data, engine, models, p
 from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
                                    Result, initialize_distributed, simulate, sweep)
+from fedjax_sim.simulation.audit import audit
 from fedjax_sim.simulation.checkpoint import load_params
 from fedjax_sim.simulation.plots import plot
 from fedjax_sim import tracking
 
 __version__ = "0.1.0"
-__all__ = ["compilation_cache", "simulate", "sweep", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
+__all__ = ["compilation_cache", "simulate", "sweep", "audit", "Result", "EngineOptions", "CheckpointOptions", "FineTune", "load_params", "UserError", "data", "models",
            "algorithms", "aggregators", "attacks", "engine", "privacy", "DistributedOptions",
            "initialize_distributed", "plot", "tracking"]

@@ -55,20 +55,21 @@ def _scaled(tree, factor):
 def sign_flip(scale: float = 1.0) -> UpdateAttack:
     """Each malicious client sends −scale × its honest update."""
     s = _number("sign_flip scale", scale, positive=True)
-    return UpdateAttack(client=lambda delta, rng: _scaled(delta, -s), key=("attack.sign_flip", s))
+    return UpdateAttack(client=lambda delta, rng, cid: _scaled(delta, -s), key=("attack.sign_flip", s))
 
 
 def scale(factor: float) -> UpdateAttack:
     """Each malicious client sends factor × its honest update (a boosted update)."""
     f = _number("scale factor", factor)
-    return UpdateAttack(client=lambda delta, rng: _scaled(delta, f), key=("attack.scale", f))
+    return UpdateAttack(client=lambda delta, rng, cid: _scaled(delta, f), key=("attack.scale", f))
 
 
 def gaussian_noise(std: float = 1.0) -> UpdateAttack:
     """Each malicious client sends pure Gaussian noise N(0, std²) in every coordinate."""
     sigma = _number("gaussian_noise std", std, positive=True)
 
-    def client(delta, rng):
+    def client(delta, rng, cid):
+        del cid
         leaves, treedef = jax.tree_util.tree_flatten(delta)
         keys = jax.random.split(rng, len(leaves))
         return jax.tree_util.tree_unflatten(treedef, [

@@ -24,6 +24,7 @@ import warnings
 
 from fedjax_sim.cli.describe import add_describe_parser, run_describe
 from fedjax_sim.cli.plot import add_plot_parser, run_plot
+from fedjax_sim.cli.audit import add_audit_parser, run_audit
 from fedjax_sim.cli.privacy import add_privacy_parser, run_privacy
 from fedjax_sim.cli.sweep import add_sweep_parser, run_sweep
 from fedjax_sim.errors import UserError
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     add_sweep_parser(sub)
     add_privacy_parser(sub)
+    add_audit_parser(sub)
     data = sub.add_parser("data", help="inspect the federated data a config builds")
     data_sub = data.add_subparsers(dest="data_command", metavar="{describe}", required=True)
     add_describe_parser(data_sub)
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_sweep(args, overrides)
             if args.command == "privacy":
                 return run_privacy(args)
+            if args.command == "audit":
+                return run_audit(args, overrides)
             if args.command == "data" and args.data_command == "describe":
                 return run_describe(args, overrides)
             if args.command == "plot":

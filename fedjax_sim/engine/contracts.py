@@ -320,8 +320,9 @@ class UpdateAttack(NamedTuple):
     """What malicious clients do to the update they send (`fedjax_sim.attacks` builds them;
     which clients are malicious is fixed for a run and given to the engine with it).
 
-    client(delta, rng) -> delta: a malicious client's update from the honest one it
-        computed, inside the vmap (sign flipping, scaling, noise); None: unchanged.
+    client(delta, rng, client_id) -> delta: a malicious client's update from the honest one
+        it computed, inside the vmap (sign flipping, scaling, noise; a privacy audit's
+        canary, whose crafted update depends on its id); None: unchanged.
     cohort(updates, weights, malicious, live, rng) -> updates: the cohort's updates, every
         leaf [m, ...], with the malicious slots' replaced, for an attacker that knows the
         whole cohort ("a little is enough", inner-product manipulation, model
@@ -337,7 +338,7 @@ class UpdateAttack(NamedTuple):
     a malicious update as to any other.
     """
 
-    client: Callable[[PyTree, jax.Array], PyTree] | None = None
+    client: Callable[[PyTree, jax.Array, jax.Array], PyTree] | None = None
     cohort: Callable[..., PyTree] | None = None
     key: Any = None
 

@@ -780,7 +780,7 @@ class RoundProgram:
         if self.attack is None or self.attack.client is None:
             return delta
         bad = jnp.asarray(self.malicious)[cid]
-        forged = self.attack.client(delta, jax.random.fold_in(k_agg_client, ATTACK_STREAM))
+        forged = self.attack.client(delta, jax.random.fold_in(k_agg_client, ATTACK_STREAM), cid)
         return jax.tree_util.tree_map(lambda f, d: jnp.where(bad, f.astype(d.dtype), d),
                                       forged, delta)
 
