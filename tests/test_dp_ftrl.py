@@ -179,3 +179,32 @@ def test_calibrated_noise_multiplier_meets_the_target_epsilon():
     coef = bandmf_coefficients(30, 6)
     acct = lambda z_: BandMFAccountant(BandMFMechanism(z_, coef, 6, 30), delta=1e-5)  # noqa: E731
     assert acct(z).epsilon(30) <= 4.0 < acct(z * 0.999).epsilon(30)
+
+
+@pytest.mark.slow  # three checkpointed runs: about a minute on 2 cores
+def test_an_interrupted_dp_ftrl_run_resumes_exactly_and_refuses_other_rounds(tmp_path):
+    """The correlated noise's buffers live in the checkpointed aggregator state: a resumed
+    run equals the uninterrupted one. Its strategy is built for the run's rounds, so
+    resuming with other rounds would switch mechanisms mid-run and is refused."""
+    train, test = fs.data.load_digits()
+    clients = fs.data.partition(train, train["y"], "dirichlet", 40, seed=0, alpha=0.5)
+    model = fs.models.get_model("logistic_regression", (8, 8, 1), 10)
+    alg = fs.algorithms.fedavg(optax.sgd(0.3), batch_size=10, weighting="uniform")
+    kw = dict(rounds=10, clients_per_round=8, eval_every=5, progress=False,
+              privacy=MatrixFactorizationDP(noise_multiplier=1.5, clip_norm=0.5, delta=1e-3),
+              checkpoint=fs.CheckpointOptions(every_rounds=3))
+    full = fs.simulate(model, alg, clients, **kw)
+
+    def stop(row):
+        if row["round"] == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fs.simulate(model, alg, clients, **kw, workdir=str(tmp_path), callback=stop)
+    resumed = fs.simulate(model, alg, clients, **kw, workdir=str(tmp_path))
+    assert resumed.summary["resumed_from_round"] == 6
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["epsilon"] for r in resumed.history] == [r["epsilon"] for r in full.history]
+    with pytest.raises(fs.UserError, match="privacy_strategy.rounds"):
+        fs.simulate(model, alg, clients, **{**kw, "rounds": 12}, workdir=str(tmp_path))

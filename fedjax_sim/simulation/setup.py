@@ -206,7 +206,15 @@ class RunPlan:
         first time a run directory asks: describing the data hashes every example, seconds
         for a million clients, which a run without a workdir never needs."""
         if not hasattr(self, "_run_config"):
-            self._run_config = self.describe()
+            config = self.describe()
+            mechanism = self.private.mechanism if self.private else None
+            if hasattr(mechanism, "coefficients"):
+                # DP-FTRL's strategy is built for the run's rounds: a run resumed with other
+                # rounds would continue another mechanism's noise, so that is a change.
+                config = {**config, "privacy_strategy": {
+                    "rounds": mechanism.rounds, "bands": len(mechanism.coefficients),
+                    "min_separation": mechanism.min_separation}}
+            self._run_config = config
         return self._run_config
 
     def initial_state(self):
