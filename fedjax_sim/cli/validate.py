@@ -40,6 +40,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.models import ZOO, tasks
 from fedjax_sim.models.pretrained import FORMATS as PRETRAINED_FORMATS
 from fedjax_sim.privacy import ClientLevelDP, MatrixFactorizationDP
+from fedjax_sim.privacy.matrix_factorization import check_min_separation
 from fedjax_sim.simulation import BATCH_NORM_MODES, resolve_engine
 from fedjax_sim.cli import layout
 from fedjax_sim.cli.options import (build_algorithm, checkpoint_options, distributed_options,
@@ -299,13 +300,12 @@ def _check_preprocess(config) -> None:
 def _check_privacy(config, num_clients: int | None) -> None:
     options = privacy_options(config)
     if isinstance(options, MatrixFactorizationDP):
-        m = config["clients_per_round"]
-        separation = options.min_separation
-        if num_clients is not None and separation is not None and num_clients // separation < m:
-            raise UserError(f"config.privacy: privacy.min_separation={separation} splits the "
-                            f"{num_clients} clients into groups of {num_clients // separation}, "
-                            f"fewer than clients_per_round={m}; lower min_separation to at most "
-                            f"{num_clients // m}")
+        if num_clients is not None and options.min_separation is not None:
+            try:
+                check_min_separation(options.min_separation, num_clients,
+                                     config["clients_per_round"])
+            except UserError as e:
+                raise UserError(f"config.privacy: {e}") from None
     if not isinstance(options, (ClientLevelDP, MatrixFactorizationDP)):
         return
     weighting = get(config["algorithm"], "weighting", "num_examples")

@@ -37,6 +37,15 @@ def jax_privacy_toeplitz():
     return toeplitz
 
 
+def check_min_separation(separation: int, num_clients: int, clients_per_round: int) -> None:
+    """Refuses cyclic groups (num_clients // separation clients each) too small for a cohort."""
+    if num_clients // separation < clients_per_round:
+        raise UserError(f"privacy.min_separation={separation} splits the {num_clients} clients into "
+                        f"groups of {num_clients // separation}, fewer than clients_per_round="
+                        f"{clients_per_round}; lower min_separation to at most "
+                        f"{num_clients // clients_per_round}")
+
+
 @functools.lru_cache(maxsize=32)
 def bandmf_coefficients(rounds: int, bands: int) -> tuple[float, ...]:
     """The `bands` coefficients (c₀ … c_{b−1}, unit norm) of the banded Toeplitz strategy for

@@ -34,7 +34,7 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP,
                                 MatrixFactorizationDP, SampledGaussian, default_cap)
 from fedjax_sim.privacy.matrix_factorization import (BandMFAccountant, BandMFMechanism,
-                                                     bandmf_coefficients)
+                                                     bandmf_coefficients, check_min_separation)
 from fedjax_sim.privacy.skellam import SampledSkellam
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
 from fedjax_sim.registry import client_dp_algorithms
@@ -109,29 +109,34 @@ def _distributed(privacy, gaussian: SampledGaussian, entries: int | None, client
 
 
 def _check_client_level(aggregator, algorithm) -> None:
-    """What every client-level mechanism needs of the run (DP-FedAvg checks the same)."""
+    """What every client-level mechanism (DP-FedAvg, DP-FTRL) needs of the run."""
     if aggregator is not None and aggregator.reduce is not None:
-        raise UserError("client-level DP cannot follow an aggregator part that reduces the cohort "
-                        "itself (a robust rule, secure or encrypted aggregation): its output can "
-                        "move by more than the clip norm when one client joins or leaves")
+        raise UserError(
+            "client-level DP cannot follow an aggregator part that reduces the cohort "
+            "itself (a robust rule, secure or encrypted aggregation): its output can move "
+            "by more than the clip norm when one client joins or leaves, so the noise "
+            "would not give the reported epsilon; DP's clipping already bounds each "
+            "client's influence; for DP with secure aggregation use "
+            "privacy.secure_aggregation; to measure a robust rule between clipping and "
+            "noise without a privacy claim, pass aggregator=chain(clip(C), <rule>, "
+            "gaussian(z, expected_clients=m)) and no privacy")
     if getattr(algorithm, "client_dp", None):
         raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
-                        f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())}")
+                        f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())} "
+                        f"(fedjax_sim.algorithms; config: algorithm.name), or "
+                        f"example-level DP (DP-SGD)")
     if getattr(algorithm, "weighting", None) != "uniform":
-        raise UserError("client-level DP needs algorithm weighting='uniform' (config: "
-                        "algorithm.weighting): weighting by example counts makes one client's "
-                        "influence depend on its data")
+        raise UserError("client-level DP needs algorithm weighting='uniform': weighting "
+                        "by example counts makes one client's influence on the aggregate, "
+                        "and so the noise it needs, depend on its data; set "
+                        "weighting='uniform' (config: algorithm.weighting)")
 
 
 def _matrix_factorization(privacy, aggregator, num_clients: int, clients_per_round: int,
                           rounds: int):
     """(the mechanism, the cyclic sampling, the aggregator) of DP-FTRL with BandMF."""
     separation = privacy.min_separation or max(1, num_clients // clients_per_round)
-    if num_clients // separation < clients_per_round:
-        raise UserError(f"privacy.min_separation={separation} splits the {num_clients} clients into "
-                        f"groups of {num_clients // separation}, fewer than clients_per_round="
-                        f"{clients_per_round}; lower min_separation to at most "
-                        f"{num_clients // clients_per_round}")
+    check_min_separation(separation, num_clients, clients_per_round)
     bands = min(privacy.bands or separation, rounds)
     coefficients = bandmf_coefficients(rounds, bands)
     mechanism = BandMFMechanism(privacy.noise_multiplier, coefficients, separation, rounds)
@@ -168,26 +173,7 @@ class PrivatePlan:
                 privacy, aggregator, num_clients, clients_per_round, rounds)
         elif isinstance(privacy, ClientLevelDP):
             self.level = "client"
-            if aggregator is not None and aggregator.reduce is not None:
-                raise UserError(
-                    "client-level DP cannot follow an aggregator part that reduces the cohort "
-                    "itself (a robust rule, secure or encrypted aggregation): its output can move "
-                    "by more than the clip norm when one client joins or leaves, so the noise "
-                    "would not give the reported epsilon; DP's clipping already bounds each "
-                    "client's influence; for DP with secure aggregation use "
-                    "privacy.secure_aggregation; to measure a robust rule between clipping and "
-                    "noise without a privacy claim, pass aggregator=chain(clip(C), <rule>, "
-                    "gaussian(z, expected_clients=m)) and no privacy")
-            if getattr(algorithm, "client_dp", None):
-                raise UserError(f"client-level DP does not apply to {type(algorithm).__name__}: "
-                                f"{algorithm.client_dp}; use {', '.join(client_dp_algorithms())} "
-                                f"(fedjax_sim.algorithms; config: algorithm.name), or "
-                                f"example-level DP (DP-SGD)")
-            if getattr(algorithm, "weighting", None) != "uniform":
-                raise UserError("client-level DP needs algorithm weighting='uniform': weighting "
-                                "by example counts makes one client's influence on the aggregate, "
-                                "and so the noise it needs, depend on its data; set "
-                                "weighting='uniform' (config: algorithm.weighting)")
+            _check_client_level(aggregator, algorithm)
             z = privacy.noise_multiplier
             if privacy.sampling == "poisson":
                 q = clients_per_round / num_clients
