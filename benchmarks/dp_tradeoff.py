@@ -11,8 +11,9 @@ same, the training seed varies) and ε after the 50 rounds. A second block adds 
 a 1,000-client cohort (`noise_cohort_size=1000`): the std on the mean update falls from
 z·C/20 to z·C/1000, as for a population 50× larger sampled at the same rate (ε is then
 that population's). A third block runs DP-FTRL (configs/digits_dp_ftrl.py: no sampling,
-each client every 5 rounds, 5-band BandMF noise) at the ε of the z = 1 and z = 2 rows, its
-noise multiplier calibrated to that ε (`--ftrl-only` runs only this block).
+each client every 5 rounds, 5-band BandMF noise, then tree-aggregation noise) at the ε of
+the z = 1 and z = 2 rows, its noise multiplier calibrated to that ε (`--ftrl-only` runs
+only this block).
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ def main():
              for z in (1.0, 2.0)]
     from fedjax_sim.privacy.matrix_factorization import calibrate_noise_multiplier
 
-    for target in (8.31, 2.74):  # the ε of the z = 1 and z = 2 rows
-        z = calibrate_noise_multiplier(target, rounds=50, min_separation=5, delta=1e-3)
-        rows.append((f"DP-FTRL, BandMF (z = {z:.3f}: ε of DP-FedAvg's z = "
-                     f"{1 if target > 5 else 2})", {"privacy.noise_multiplier": round(z, 4),
-                                                    "_config": FTRL_CONFIG}))
+    for strategy, name in (("bandmf", "BandMF"), ("tree", "tree aggregation")):
+        for target in (8.31, 2.74):  # the ε of the z = 1 and z = 2 rows
+            z = calibrate_noise_multiplier(target, rounds=50, min_separation=5, delta=1e-3,
+                                           strategy=strategy)
+            rows.append((f"DP-FTRL, {name} (z = {z:.3f}: ε of DP-FedAvg's z = "
+                         f"{1 if target > 5 else 2})", {
+                             "privacy.noise_multiplier": round(z, 4),
+                             "privacy.strategy": strategy, "_config": FTRL_CONFIG}))
     if args.ftrl_only:
-        rows = rows[-2:]
+        rows = rows[-4:]
     print("| run | test accuracy | ε (δ = 1e-3, 50 rounds) |")
     print("|---|---|---|")
     for name, overrides in rows:

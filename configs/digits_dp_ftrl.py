@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         clip_norm=0.5,
         delta=1e-3,
         min_separation=5,  # 100 clients / 20 a round: each client every 5 rounds
+        strategy="bandmf",  # or "tree": tree aggregation (Kairouz et al. 2021)
         bands=None,  # = min_separation
         accountant="pld",
         target_epsilon=None)

@@ -312,8 +312,8 @@ def test_override_of_an_absent_section_says_what_else_it_needs(capsys):
     assert line == (
         "error: config.privacy.level is missing; set it to 'client' (DP-FedAvg; it also needs "
         "noise_multiplier, delta), 'example' (DP-SGD in every client; it also needs clip_norm, "
-        "noise_multiplier, sampling_rate, delta) or 'dp_ftrl' (DP-FTRL, banded matrix "
-        "factorization; it also needs noise_multiplier, clip_norm, delta), e.g. "
+        "noise_multiplier, sampling_rate, delta) or 'dp_ftrl' (DP-FTRL, matrix factorization "
+        "(BandMF or tree); it also needs noise_multiplier, clip_norm, delta), e.g. "
         "--config.privacy.level=client "
         "--config.privacy.noise_multiplier=1.0 --config.privacy.clip_norm=1.0 "
         "--config.privacy.delta=1e-5")

@@ -16,7 +16,7 @@ import fedjax_sim as fs
 from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian
 from fedjax_sim.engine.round import cyclic_groups
 from fedjax_sim.privacy import MatrixFactorizationDP
-from fedjax_sim.privacy.matrix_factorization import (BandMFAccountant, BandMFMechanism,
+from fedjax_sim.privacy.matrix_factorization import (MatrixFactorizationAccountant, BandMFMechanism,
                                                      bandmf_coefficients, gaussian_epsilon,
                                                      sensitivity)
 
@@ -85,8 +85,8 @@ def test_epsilon_is_the_gaussian_mechanisms_at_the_strategys_sensitivity(z, roun
     mech = BandMFMechanism(z, coef, separation, rounds)
     sens = math.sqrt(math.ceil(rounds / separation))
     exact = _analytic_gaussian_epsilon(sens / z, 1e-5)
-    pld = BandMFAccountant(mech, delta=1e-5, accountant="pld").epsilon(rounds)
-    rdp = BandMFAccountant(mech, delta=1e-5, accountant="rdp").epsilon(rounds)
+    pld = MatrixFactorizationAccountant(mech, delta=1e-5, accountant="pld").epsilon(rounds)
+    rdp = MatrixFactorizationAccountant(mech, delta=1e-5, accountant="rdp").epsilon(rounds)
     assert exact <= pld <= exact * 1.01 + 1e-3  # PLD's pessimistic discretization
     assert pld < rdp  # RDP's conversion is looser
     assert gaussian_epsilon(z / sens, 1e-5) == pytest.approx(pld)
@@ -94,7 +94,7 @@ def test_epsilon_is_the_gaussian_mechanisms_at_the_strategys_sensitivity(z, roun
 
 def test_epsilon_grows_with_participations_and_target_epsilon_stops():
     coef = bandmf_coefficients(40, 4)
-    acct = BandMFAccountant(BandMFMechanism(2.0, coef, 4, 40), delta=1e-5)
+    acct = MatrixFactorizationAccountant(BandMFMechanism(2.0, coef, 4, 40), delta=1e-5)
     eps = [acct.epsilon(t) for t in range(1, 41)]
     assert all(a <= b + 1e-12 for a, b in zip(eps, eps[1:]))
     # after one round only the first row of C is released: sensitivity c0
@@ -143,7 +143,7 @@ def test_dp_ftrl_run_reports_epsilon_every_round_and_stops_at_the_target():
     eps = [r["epsilon"] for r in result.history]
     sep = 40 // 8
     coef = bandmf_coefficients(12, sep)
-    acct = BandMFAccountant(BandMFMechanism(1.5, coef, sep, 12), delta=1e-3)
+    acct = MatrixFactorizationAccountant(BandMFMechanism(1.5, coef, sep, 12), delta=1e-3)
     assert eps == pytest.approx([acct.epsilon(t) for t in range(1, 13)])
     summary = result.summary["privacy"]
     assert summary["sampling"] == "cyclic"
@@ -177,7 +177,7 @@ def test_calibrated_noise_multiplier_meets_the_target_epsilon():
 
     z = calibrate_noise_multiplier(4.0, rounds=30, min_separation=6, delta=1e-5)
     coef = bandmf_coefficients(30, 6)
-    acct = lambda z_: BandMFAccountant(BandMFMechanism(z_, coef, 6, 30), delta=1e-5)  # noqa: E731
+    acct = lambda z_: MatrixFactorizationAccountant(BandMFMechanism(z_, coef, 6, 30), delta=1e-5)  # noqa: E731
     assert acct(z).epsilon(30) <= 4.0 < acct(z * 0.999).epsilon(30)
 
 

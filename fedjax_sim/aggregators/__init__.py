@@ -183,13 +183,13 @@ from fedjax_sim.aggregators.compression import quantize, random_k, sign, top_k  
 from fedjax_sim.aggregators.secure import integer_encode, secure_aggregation, secure_sum  # noqa: E402
 from fedjax_sim.aggregators.encrypted import encrypted_sum  # noqa: E402
 from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_encode  # noqa: E402
-from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian  # noqa: E402
+from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian, tree_gaussian  # noqa: E402
 from fedjax_sim.aggregators.robust import (  # noqa: E402
     centered_clipping, coordinate_median, geometric_median, krum, norm_bounding, trimmed_mean)
 
 __all__ = ["AggregatorPart", "Cohort", "Message", "ROUND_FAILED",
            "weighted_mean", "part", "chain", "clip", "adaptive_clip", "gaussian", "dp_fedavg",
            "global_norm", "quantize", "sign", "top_k", "random_k", "integer_encode", "secure_sum",
-           "secure_aggregation", "encrypted_sum", "distributed_dp", "skellam_encode", "correlated_gaussian",
+           "secure_aggregation", "encrypted_sum", "distributed_dp", "skellam_encode", "correlated_gaussian", "tree_gaussian",
            "coordinate_median", "trimmed_mean", "krum", "geometric_median", "norm_bounding",
            "centered_clipping"]

@@ -114,7 +114,7 @@ def _required(cls) -> list[str]:
 
 
 _LEVELS = {"client": "DP-FedAvg", "example": "DP-SGD in every client",
-           "dp_ftrl": "DP-FTRL, banded matrix factorization"}
+           "dp_ftrl": "DP-FTRL, matrix factorization (BandMF or tree)"}
 
 
 def _privacy_level(values: dict) -> str:

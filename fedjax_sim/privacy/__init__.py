@@ -205,7 +205,7 @@ class ClientLevelDP:
 
 @dataclasses.dataclass(frozen=True)
 class MatrixFactorizationDP:
-    """DP-FTRL with banded matrix factorization (BandMF): client-level DP without sampling.
+    """DP-FTRL: client-level DP without sampling, by a matrix-factorization mechanism.
 
     Every client's update is clipped to `clip_norm`; the server adds noise correlated
     across rounds (`fedjax_sim.aggregators.matrix_factorization`) and divides by
@@ -219,7 +219,10 @@ class MatrixFactorizationDP:
     delta: δ of the (ε, δ) guarantee (add or remove one client).
     min_separation: b, rounds between two participations of a client (default:
       num_clients // clients_per_round, one pass over the clients per b rounds).
-    bands: the strategy's bands (default: min(min_separation, rounds)); more bands than
+    strategy: 'bandmf' (default): banded matrix factorization (Choquette-Choo et al. 2023),
+      built for the run's rounds; 'tree': tree aggregation (Kairouz et al. 2021), the
+      first DP-FTRL, noisier per ε than BandMF but independent of the number of rounds.
+    bands: BandMF's bands (default: min(min_separation, rounds)); more bands than
       min_separation raise the sensitivity. 1 is DP-SGD's independent noise.
     accountant: 'pld' (default) or 'rdp'.
     target_epsilon: stop training before ε would exceed it.
@@ -232,12 +235,18 @@ class MatrixFactorizationDP:
     bands: int | None = None
     accountant: str = "pld"
     target_epsilon: float | None = None
+    strategy: str = "bandmf"
 
     def __post_init__(self):
         _real("privacy.noise_multiplier", self.noise_multiplier, low=0)
         _real("privacy.clip_norm", self.clip_norm, low=0, low_open=True)
         _int("privacy.min_separation", self.min_separation, 1, optional=True)
         _int("privacy.bands", self.bands, 1, optional=True)
+        if self.strategy not in ("bandmf", "tree"):
+            raise UserError(f"privacy.strategy must be 'bandmf' or 'tree', got {self.strategy!r}")
+        if self.strategy == "tree" and self.bands is not None:
+            raise UserError("privacy.bands applies to strategy='bandmf' only; drop it for the "
+                            "tree")
         _common(self)
 
 

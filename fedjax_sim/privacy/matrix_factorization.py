@@ -12,9 +12,11 @@ bands are at most b and the columns have unit norm). σ = z · C_clip, so after 
 multiplier z / sens(C[:t, :t]; b, k_t), and ε(δ) is that mechanism's (dp_accounting, RDP
 or PLD). No sampling is assumed, so no amplification is claimed.
 
-The strategy is BandMF's: the banded Toeplitz C with unit-norm columns that minimizes the
-mean error of the prefix sums (`toeplitz.optimize_banded_toeplitz`, Choquette-Choo et al.
-2023, McKenna 2024); one band is DP-SGD's C = I (independent noise every round).
+Two strategies: BandMF's banded Toeplitz C with unit-norm columns that minimizes the mean
+error of the prefix sums (`toeplitz.optimize_banded_toeplitz`, Choquette-Choo et al. 2023,
+McKenna 2024; one band is DP-SGD's C = I, independent noise every round), and tree
+aggregation (Kairouz et al. 2021), whose C has a 0/1 row per dyadic block of rounds and
+whose sensitivity `fedjax_sim.privacy.tree_aggregation` computes exactly.
 """
 
 from __future__ import annotations
@@ -95,10 +97,11 @@ def _gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str) ->
 
 
 class BandMFMechanism:
-    """The facts of a run's DP-FTRL mechanism the ledger and the summary read."""
+    """The facts of a run's BandMF mechanism the ledger and the summary read."""
 
     sampling = "cyclic"
     sampling_rate = None
+    strategy = "banded_toeplitz"
 
     def __init__(self, noise_multiplier: float, coefficients, min_separation: int, rounds: int):
         self.noise_multiplier = float(noise_multiplier)
@@ -109,17 +112,62 @@ class BandMFMechanism:
     def overflow_probability(self) -> float:
         return 0.0
 
+    def sensitivity(self, rounds: int) -> float:
+        return sensitivity(self.coefficients, rounds=max(1, rounds),
+                           min_separation=self.min_separation)
 
-class BandMFAccountant:
-    """ε after t rounds of `BandMFMechanism` (module doc), computed once per t."""
+    def describe(self) -> dict:
+        """What fixes the noise of the rounds to come: the strategy is built for the run's
+        rounds, so a run resumed with other rounds would continue another mechanism."""
+        return {"strategy": self.strategy, "rounds": self.rounds,
+                "bands": len(self.coefficients), "min_separation": self.min_separation}
 
-    def __init__(self, mechanism: BandMFMechanism, *, delta: float, accountant: str = "pld"):
+
+@functools.lru_cache(maxsize=8)
+def tree_sensitivity(min_separation: int, max_participations: int | None = None):
+    """The (cached) `TreeSensitivity` of this participation: its block tables serve every
+    run and every round count."""
+    from fedjax_sim.privacy.tree_aggregation import TreeSensitivity
+
+    return TreeSensitivity(min_separation, max_participations)
+
+
+class TreeMechanism:
+    """Tree aggregation (Kairouz et al. 2021): the release of every complete dyadic block of
+    rounds with N(0, (z·C)²) noise (`fedjax_sim.aggregators.matrix_factorization.
+    tree_gaussian`); sens(t)² is the exact worst case over min-separation patterns
+    (`fedjax_sim.privacy.tree_aggregation`). The tree grows with the rounds, so a run may
+    resume with more rounds."""
+
+    sampling = "cyclic"
+    sampling_rate = None
+    strategy = "tree"
+
+    def __init__(self, noise_multiplier: float, min_separation: int, rounds: int):
+        self.noise_multiplier = float(noise_multiplier)
+        self.min_separation = int(min_separation)
+        self.rounds = int(rounds)
+
+    def overflow_probability(self) -> float:
+        return 0.0
+
+    def sensitivity(self, rounds: int) -> float:
+        return math.sqrt(tree_sensitivity(self.min_separation).squared(max(1, rounds)))
+
+    def describe(self) -> dict:
+        return {"strategy": self.strategy, "min_separation": self.min_separation}
+
+
+class MatrixFactorizationAccountant:
+    """ε after t rounds of a matrix-factorization mechanism (BandMF or tree): the Gaussian
+    mechanism with noise multiplier z / sens(t), computed once per t."""
+
+    def __init__(self, mechanism, *, delta: float, accountant: str = "pld"):
         self.mechanism, self.delta, self.accountant = mechanism, float(delta), accountant
         self._by_rounds: dict[int, float] = {}
 
     def sensitivity(self, rounds: int) -> float:
-        m = self.mechanism
-        return sensitivity(m.coefficients, rounds=max(1, rounds), min_separation=m.min_separation)
+        return self.mechanism.sensitivity(rounds)
 
     def epsilon(self, rounds: int) -> float:
         if rounds <= 0:
@@ -143,13 +191,17 @@ class BandMFAccountant:
 
 def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, min_separation: int,
                                delta: float, bands: int | None = None,
-                               accountant: str = "pld") -> float:
+                               accountant: str = "pld", strategy: str = "bandmf") -> float:
     """The smallest noise multiplier z (to 1e-4 relative) whose DP-FTRL run of `rounds`
-    rounds with this participation and strategy has ε(δ) <= `target_epsilon`."""
+    rounds with this participation and strategy ('bandmf' or 'tree') has ε(δ) <=
+    `target_epsilon`."""
     if not target_epsilon > 0:
         raise UserError(f"target_epsilon must be > 0, got {target_epsilon!r}")
-    coef = bandmf_coefficients(rounds, min(bands or min_separation, rounds))
-    sens = sensitivity(coef, rounds=rounds, min_separation=min_separation)
+    if strategy == "tree":
+        sens = TreeMechanism(1.0, min_separation, rounds).sensitivity(rounds)
+    else:
+        coef = bandmf_coefficients(rounds, min(bands or min_separation, rounds))
+        sens = sensitivity(coef, rounds=rounds, min_separation=min_separation)
     eps = lambda z: gaussian_epsilon(z / sens, delta, accountant)  # noqa: E731
     lo, hi = 1e-3, 1.0
     while eps(hi) > target_epsilon:

@@ -27,13 +27,14 @@ import warnings
 import numpy as np
 
 from fedjax_sim.aggregators import ROUND_FAILED, chain, clip, dp_fedavg
-from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian
+from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian, tree_gaussian
 from fedjax_sim.aggregators.distributed_dp import distributed_dp, skellam_setting
 from fedjax_sim.engine.round import ClientSampling
 from fedjax_sim.errors import UserError
 from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP,
                                 MatrixFactorizationDP, SampledGaussian, default_cap)
-from fedjax_sim.privacy.matrix_factorization import (BandMFAccountant, BandMFMechanism,
+from fedjax_sim.privacy.matrix_factorization import (BandMFMechanism,
+                                                     MatrixFactorizationAccountant, TreeMechanism,
                                                      bandmf_coefficients, check_min_separation)
 from fedjax_sim.privacy.skellam import SampledSkellam
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
@@ -134,15 +135,19 @@ def _check_client_level(aggregator, algorithm) -> None:
 
 def _matrix_factorization(privacy, aggregator, num_clients: int, clients_per_round: int,
                           rounds: int):
-    """(the mechanism, the cyclic sampling, the aggregator) of DP-FTRL with BandMF."""
+    """(the mechanism, the cyclic sampling, the aggregator) of DP-FTRL (BandMF or tree)."""
     separation = privacy.min_separation or max(1, num_clients // clients_per_round)
     check_min_separation(separation, num_clients, clients_per_round)
-    bands = min(privacy.bands or separation, rounds)
-    coefficients = bandmf_coefficients(rounds, bands)
-    mechanism = BandMFMechanism(privacy.noise_multiplier, coefficients, separation, rounds)
-    private_part = chain(clip(privacy.clip_norm), correlated_gaussian(
-        privacy.noise_multiplier, coefficients=coefficients,
-        expected_clients=float(clients_per_round)))
+    m = float(clients_per_round)
+    if privacy.strategy == "tree":
+        mechanism = TreeMechanism(privacy.noise_multiplier, separation, rounds)
+        noise = tree_gaussian(privacy.noise_multiplier, expected_clients=m)
+    else:
+        coefficients = bandmf_coefficients(rounds, min(privacy.bands or separation, rounds))
+        mechanism = BandMFMechanism(privacy.noise_multiplier, coefficients, separation, rounds)
+        noise = correlated_gaussian(privacy.noise_multiplier, coefficients=coefficients,
+                                    expected_clients=m)
+    private_part = chain(clip(privacy.clip_norm), noise)
     sampling = ClientSampling("cyclic", clients_per_round, groups=separation)
     return mechanism, sampling, (private_part if aggregator is None
                                  else chain(aggregator, private_part))
@@ -221,10 +226,9 @@ class PrivatePlan:
                             f"{type(privacy).__name__}")
         self.mechanism = mechanism
         with _quiet_accounting():
-            self.accountant = (
-                BandMFAccountant(mechanism, delta=privacy.delta, accountant=privacy.accountant)
-                if isinstance(mechanism, BandMFMechanism)
-                else Accountant(mechanism, delta=privacy.delta, accountant=privacy.accountant))
+            self.accountant = (MatrixFactorizationAccountant if isinstance(
+                privacy, MatrixFactorizationDP) else Accountant)(
+                    mechanism, delta=privacy.delta, accountant=privacy.accountant)
         self.participation = np.zeros(num_clients, np.int64)
         self._peak = 0  # participation.max(), kept up to date (counts only grow)
         self._warned_unbounded = False
@@ -355,13 +359,13 @@ class PrivatePlan:
                 out["distributed"] = {"mechanism": "skellam", "l2_sensitivity": m.l2_sensitivity,
                                       "l1_sensitivity": m.l1_sensitivity,
                                       "sum_noise_variance": m.variance}
-            if isinstance(self.mechanism, BandMFMechanism):  # DP-FTRL
+            if isinstance(self.mechanism, (BandMFMechanism, TreeMechanism)):  # DP-FTRL
                 m = self.mechanism
                 out["matrix_factorization"] = {
-                    "strategy": "banded_toeplitz", "bands": len(m.coefficients),
-                    "min_separation": m.min_separation,
+                    **m.describe(),
                     "max_participations": math.ceil(done / m.min_separation) if done else 0,
                     "sensitivity": self.accountant.sensitivity(max(done, 1))}
+                out["matrix_factorization"].pop("rounds", None)
         else:
             out.update(max_batch_size=self.schedule_args["batch_size"],
                        local_steps=self.steps_per_round,

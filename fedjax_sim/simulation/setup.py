@@ -208,12 +208,10 @@ class RunPlan:
         if not hasattr(self, "_run_config"):
             config = self.describe()
             mechanism = self.private.mechanism if self.private else None
-            if hasattr(mechanism, "coefficients"):
-                # DP-FTRL's strategy is built for the run's rounds: a run resumed with other
-                # rounds would continue another mechanism's noise, so that is a change.
-                config = {**config, "privacy_strategy": {
-                    "rounds": mechanism.rounds, "bands": len(mechanism.coefficients),
-                    "min_separation": mechanism.min_separation}}
+            if hasattr(mechanism, "describe"):
+                # DP-FTRL's strategy (BandMF's is built for the run's rounds): a run resumed
+                # with another would continue another mechanism's noise, so that is a change.
+                config = {**config, "privacy_strategy": mechanism.describe()}
             self._run_config = config
         return self._run_config
 
