@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
         delta=1e-3,
         min_separation=5,  # 100 clients / 20 a round: each client every 5 rounds
         strategy="bandmf",  # or "tree": tree aggregation (Kairouz et al. 2021)
+        participation="cyclic",  # or "cyclic_poisson": amplified BandMF (bands <= 5)
+        max_cohort_size=None,  # cyclic_poisson only: slots for the sampled clients
         bands=None,  # = min_separation
         accountant="pld",
         target_epsilon=None)

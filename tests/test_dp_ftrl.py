@@ -16,9 +16,10 @@ import fedjax_sim as fs
 from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian
 from fedjax_sim.engine.round import cyclic_groups
 from fedjax_sim.privacy import MatrixFactorizationDP
-from fedjax_sim.privacy.matrix_factorization import (MatrixFactorizationAccountant, BandMFMechanism,
-                                                     bandmf_coefficients, gaussian_epsilon,
-                                                     sensitivity)
+from fedjax_sim.privacy.matrix_factorization import (BandMFMechanism, MatrixFactorizationAccountant,
+                                                     bandmf_coefficients,
+                                                     calibrate_noise_multiplier,
+                                                     gaussian_epsilon, sensitivity)
 
 
 def _toeplitz(coef, n):
@@ -173,8 +174,6 @@ def test_bad_dp_ftrl_settings_are_one_line_errors():
 
 
 def test_calibrated_noise_multiplier_meets_the_target_epsilon():
-    from fedjax_sim.privacy.matrix_factorization import calibrate_noise_multiplier
-
     z = calibrate_noise_multiplier(4.0, rounds=30, min_separation=6, delta=1e-5)
     coef = bandmf_coefficients(30, 6)
     acct = lambda z_: MatrixFactorizationAccountant(BandMFMechanism(z_, coef, 6, 30), delta=1e-5)  # noqa: E731
@@ -208,3 +207,92 @@ def test_an_interrupted_dp_ftrl_run_resumes_exactly_and_refuses_other_rounds(tmp
     assert [r["epsilon"] for r in resumed.history] == [r["epsilon"] for r in full.history]
     with pytest.raises(fs.UserError, match="privacy_strategy.rounds"):
         fs.simulate(model, alg, clients, **{**kw, "rounds": 12}, workdir=str(tmp_path))
+
+
+def _cyclic_poisson_plan(num_clients, m, b, T, **privacy):
+    train, _ = fs.data.load_digits()
+    clients = fs.data.partition(train, train["y"], "iid", num_clients, seed=0)
+    model = fs.models.get_model("logistic_regression", (8, 8, 1), 10)
+    alg = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=10, weighting="uniform")
+    return fs.simulation.setup.plan_run(fs.simulation.setup.RunRequest(
+        model=model, algorithm=alg, train_data=clients, rounds=T, clients_per_round=m,
+        privacy=MatrixFactorizationDP(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3,
+                                      min_separation=b, participation="cyclic_poisson", **privacy),
+        progress=False))
+
+
+def test_cyclic_poisson_sampler_draws_each_group_member_with_probability_q():
+    """Round r's cohort holds only members of group r mod b, each present independently
+    with probability q = m / (N // b): over the rounds every client's count of
+    participations is Binomial(⌈T/b⌉, q), and the cohort sizes are Binomial(group, q)."""
+    num_clients, m, b, T = 60, 3, 4, 400
+    plan = _cyclic_poisson_plan(num_clients, m, b, T)
+    q = m / (num_clients // b)
+    assert plan.program.sampling.kind == "cyclic_poisson" and plan.program.sampling.rate == q
+    ids, live = jax.device_get(plan.program.cohorts(plan.root, 0, T))
+    groups = cyclic_groups(num_clients, b)
+    counts = np.zeros(num_clients, int)
+    sizes = live.sum(axis=1)
+    for r in range(T):
+        cohort = ids[r][live[r]].tolist()
+        assert len(set(cohort)) == len(cohort) and set(cohort) <= set(groups[r % b].tolist())
+        assert live[r][:sizes[r]].all()  # the joined clients fill the first slots
+        counts[cohort] += 1
+    # each client: ⌈T/b⌉ = 100 chances at q = 0.2; the total over 60 clients is Binomial(6000, q)
+    total, n = counts.sum(), num_clients * (T // b)
+    assert abs(total - n * q) < 4 * math.sqrt(n * q * (1 - q))
+    # a group holds 15 clients: sizes are Binomial(15, q) (cap: all 15 slots)
+    assert plan.program.sampling.slots <= 15
+    assert abs(sizes.mean() - 15 * q) < 4 * math.sqrt(15 * q * (1 - q) / T)
+    assert abs(sizes.var() - 15 * q * (1 - q)) < 0.5
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_amplified_bandmf_epsilon_is_the_librarys(accountant):
+    """ε every round equals jax_privacy's DpsgdTrainingAccountant for BandMF under cyclic
+    Poisson sampling (cycle_length = b, batch size m, N clients)."""
+    from jax_privacy.accounting import accountants, analysis
+
+    num_clients, m, b, T = 40, 4, 5, 12
+    train, test = fs.data.load_digits()
+    clients = fs.data.partition(train, train["y"], "dirichlet", num_clients, seed=0, alpha=0.5)
+    model = fs.models.get_model("logistic_regression", (8, 8, 1), 10)
+    alg = fs.algorithms.fedavg(optax.sgd(0.3), batch_size=10, weighting="uniform")
+    result = fs.simulate(model, alg, clients, rounds=T, clients_per_round=m, eval_data=test,
+                         eval_every=T, progress=False,
+                         privacy=MatrixFactorizationDP(noise_multiplier=1.5, clip_norm=0.5,
+                                                       delta=1e-3, min_separation=b,
+                                                       participation="cyclic_poisson",
+                                                       accountant=accountant))
+    config = (accountants.PldAccountantConfig(value_discretization_interval=1e-3)
+              if accountant == "pld" else accountants.RdpAccountantConfig())
+    library = analysis.DpsgdTrainingAccountant(dp_accountant_config=config)
+    params = analysis.DpParams(noise_multipliers=1.5, num_samples=num_clients, delta=1e-3,
+                               batch_size=m, cycle_length=b)
+    assert [r["epsilon"] for r in result.history] == pytest.approx(
+        [library.compute_epsilon(t, params) for t in range(1, T + 1)], rel=1e-3)
+    summary = result.summary["privacy"]
+    assert summary["sampling"] == "cyclic_poisson" and summary["sampling_rate"] == 0.5
+    assert all(1 <= r["cohort_size"] <= 8 for r in result.history)
+    # amplification: below the same run without sampling
+    cyclic = MatrixFactorizationAccountant(
+        BandMFMechanism(1.5, bandmf_coefficients(T, b), b, T), delta=1e-3, accountant=accountant)
+    assert result.history[-1]["epsilon"] < cyclic.epsilon(T)
+    z = calibrate_noise_multiplier(result.history[-1]["epsilon"], rounds=T, min_separation=b,
+                                   delta=1e-3, accountant=accountant, sampling_rate=0.5)
+    assert z == pytest.approx(1.5, rel=2e-3)
+
+
+def test_cyclic_poisson_settings_are_one_line_errors():
+    kw = dict(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3)
+    with pytest.raises(fs.UserError, match="proven for BandMF only"):
+        MatrixFactorizationDP(**kw, strategy="tree", participation="cyclic_poisson")
+    with pytest.raises(fs.UserError, match="needs bands <= min_separation"):
+        MatrixFactorizationDP(**kw, participation="cyclic_poisson", min_separation=3, bands=4)
+    with pytest.raises(fs.UserError, match="max_cohort_size applies to participation='cyclic_poisson'"):
+        MatrixFactorizationDP(**kw, max_cohort_size=10)
+    with pytest.raises(fs.UserError, match="privacy.participation must be 'cyclic' or 'cyclic_poisson'"):
+        MatrixFactorizationDP(**kw, participation="poisson")
+    # the default separation (60 clients // 3 a round = 20) is known only to the run
+    with pytest.raises(fs.UserError, match="needs bands <= min_separation, got bands=25 > 20"):
+        _cyclic_poisson_plan(60, 3, None, 30, bands=25)

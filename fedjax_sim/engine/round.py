@@ -58,12 +58,21 @@ class ClientSampling(NamedTuple):
     groups (`cyclic_groups`); round r draws `slots` clients uniformly without replacement
     from group r mod `groups`, so a client takes part at most once every `groups` rounds
     ((k, b)-participation with b = `groups`, as DP-FTRL's accounting assumes).
+    'cyclic_poisson': the same groups, but every member of round r's group joins
+    independently with probability `rate` into `slots` slots padded as for 'poisson'
+    (cyclic Poisson sampling, amplified BandMF's).
     """
 
-    kind: str  # 'fixed' | 'poisson' | 'cyclic'
+    kind: str  # 'fixed' | 'poisson' | 'cyclic' | 'cyclic_poisson'
     slots: int
     rate: float | None = None
     groups: int | None = None
+
+    @property
+    def padded(self) -> bool:
+        """Whether the cohort's size varies (Poisson): its real clients fill the first
+        slots and the rest are padding with weight 0."""
+        return self.kind in ("poisson", "cyclic_poisson")
 
 
 # The seed of the one split of the population into cyclic groups (a public fact of the run).
@@ -581,13 +590,17 @@ class RoundProgram:
         if self.sampling.kind == "poisson":
             cohort, live = poisson_cohort(k_sample, self.num_clients, self.sampling.rate,
                                           self.clients_per_round)
-        elif self.sampling.kind == "cyclic":
+        elif self.sampling.kind in ("cyclic", "cyclic_poisson"):
             table = jnp.asarray(cyclic_groups(self.num_clients, self.sampling.groups))
             members = table[r % self.sampling.groups]
-            # a uniformly random order of the group's members, padding last
-            keys = jnp.where(members >= 0, jax.random.uniform(k_sample, members.shape), 2.0)
-            cohort = members[jnp.argsort(keys)[:self.clients_per_round]]
-            live = jnp.ones(self.clients_per_round, bool)
+            joined = members >= 0
+            if self.sampling.kind == "cyclic_poisson":  # each member joins w.p. rate
+                joined &= jax.random.uniform(jax.random.fold_in(k_sample, 1),
+                                             members.shape) < self.sampling.rate
+            # a uniformly random order of the joined members, the others last
+            keys = jnp.where(joined, jax.random.uniform(k_sample, members.shape), 2.0)
+            order = jnp.argsort(keys)[:self.clients_per_round]
+            cohort, live = jnp.maximum(members[order], 0), joined[order]
         else:
             cohort = sample_cohort(k_sample, self.num_clients, self.clients_per_round)
             live = jnp.ones(self.clients_per_round, bool)
@@ -618,7 +631,9 @@ class RoundProgram:
         device's share of it on a mesh), so the padding run beyond the real clients
         averages ~1/8 of it, or the engine's smaller chunk (e.g. 1 for heavy models on
         CPU)."""
-        expected = self.sampling.rate * self.num_clients / devices
+        group = (self.num_clients if self.sampling.kind == "poisson"
+                 else self.num_clients // self.sampling.groups)  # cyclic Poisson: one group
+        expected = self.sampling.rate * group / devices
         k = max(1, math.ceil(expected / 4))
         if self.clients_per_chunk is not None:
             k = min(k, self.clients_per_chunk)
@@ -702,7 +717,7 @@ class RoundProgram:
                                     ((keep(delta), weight, k_agg_client) if forged else
                                      (keep(delta), weight) if stacked else ()))
 
-        poisson = self.sampling.kind == "poisson"
+        poisson = self.sampling.padded
         if self.mesh is not None:
             # On a mesh a device can read only its own rows of a split table: the cohort's
             # rows are gathered here and each device receives its clients' rows.
@@ -848,7 +863,7 @@ class RoundProgram:
         metrics = {f"train_{k}": jnp.sum(v) / jnp.maximum(count, 1.0)
                    for k, v in train_sums.items() if k != "count"}
         metrics["cohort_examples"] = jnp.sum(jnp.where(drawn.live, data.sizes[drawn.cohort], 0))
-        if self.sampling.kind == "poisson":
+        if self.sampling.padded:
             metrics["cohort_size"] = num_live.astype(jnp.int32)
         metrics.update({k: v / jnp.maximum(num_live, 1.0) for k, v in reports.items()
                         if not k.startswith("_")})

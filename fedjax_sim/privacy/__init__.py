@@ -219,6 +219,12 @@ class MatrixFactorizationDP:
     delta: δ of the (ε, δ) guarantee (add or remove one client).
     min_separation: b, rounds between two participations of a client (default:
       num_clients // clients_per_round, one pass over the clients per b rounds).
+    participation: 'cyclic' (default): round t trains `clients_per_round` clients of group
+      t mod b, no amplification claimed; 'cyclic_poisson': every client of group t mod b
+      joins round t independently with probability clients_per_round / (num_clients // b)
+      (amplified BandMF, Choquette-Choo et al. 2023; needs bands <= min_separation).
+    max_cohort_size: participation='cyclic_poisson' only: slots for the sampled clients (default: the
+      smallest cap whose overflow costs at most δ/10, as for DP-FedAvg).
     strategy: 'bandmf' (default): banded matrix factorization (Choquette-Choo et al. 2023),
       built for the run's rounds; 'tree': tree aggregation (Kairouz et al. 2021), the
       first DP-FTRL, noisier per ε than BandMF but independent of the number of rounds.
@@ -236,6 +242,8 @@ class MatrixFactorizationDP:
     accountant: str = "pld"
     target_epsilon: float | None = None
     strategy: str = "bandmf"
+    participation: str = "cyclic"
+    max_cohort_size: int | None = None
 
     def __post_init__(self):
         _real("privacy.noise_multiplier", self.noise_multiplier, low=0)
@@ -247,6 +255,23 @@ class MatrixFactorizationDP:
         if self.strategy == "tree" and self.bands is not None:
             raise UserError("privacy.bands applies to strategy='bandmf' only; drop it for the "
                             "tree")
+        _int("privacy.max_cohort_size", self.max_cohort_size, 1, optional=True)
+        if self.participation not in ("cyclic", "cyclic_poisson"):
+            raise UserError(f"privacy.participation must be 'cyclic' or 'cyclic_poisson', got "
+                            f"{self.participation!r}")
+        if self.participation == "cyclic_poisson":
+            if self.strategy != "bandmf":
+                raise UserError("privacy.participation='cyclic_poisson' (amplification) is "
+                                "proven for BandMF only; use strategy='bandmf' or "
+                                "participation='cyclic'")
+            if self.bands is not None and self.min_separation is not None \
+                    and self.bands > self.min_separation:
+                raise UserError(f"privacy.participation='cyclic_poisson' needs bands <= "
+                                f"min_separation, got bands={self.bands} > "
+                                f"min_separation={self.min_separation}")
+        elif self.max_cohort_size is not None:
+            raise UserError("privacy.max_cohort_size applies to participation='cyclic_poisson' "
+                            "only; cyclic cohorts have exactly clients_per_round clients")
         _common(self)
 
 

@@ -99,18 +99,23 @@ def _gaussian_epsilon(noise_multiplier: float, delta: float, accountant: str) ->
 class BandMFMechanism:
     """The facts of a run's BandMF mechanism the ledger and the summary read."""
 
-    sampling = "cyclic"
-    sampling_rate = None
     strategy = "banded_toeplitz"
 
-    def __init__(self, noise_multiplier: float, coefficients, min_separation: int, rounds: int):
+    def __init__(self, noise_multiplier: float, coefficients, min_separation: int, rounds: int,
+                 group_sampling=None):
+        """group_sampling: for cyclic Poisson sampling, the `SampledGaussian` of one round
+        within a group (Poisson rate q over the group, noise multiplier z); None for cyclic
+        cohorts of fixed size."""
         self.noise_multiplier = float(noise_multiplier)
         self.coefficients = tuple(coefficients)
         self.min_separation = int(min_separation)
         self.rounds = int(rounds)
+        self.group_sampling = group_sampling
+        self.sampling = "cyclic" if group_sampling is None else "cyclic_poisson"
+        self.sampling_rate = None if group_sampling is None else group_sampling.sampling_rate
 
     def overflow_probability(self) -> float:
-        return 0.0
+        return 0.0 if self.group_sampling is None else self.group_sampling.overflow_probability()
 
     def sensitivity(self, rounds: int) -> float:
         return sensitivity(self.coefficients, rounds=max(1, rounds),
@@ -120,7 +125,8 @@ class BandMFMechanism:
         """What fixes the noise of the rounds to come: the strategy is built for the run's
         rounds, so a run resumed with other rounds would continue another mechanism."""
         return {"strategy": self.strategy, "rounds": self.rounds,
-                "bands": len(self.coefficients), "min_separation": self.min_separation}
+                "bands": len(self.coefficients), "min_separation": self.min_separation,
+                "participation": self.sampling}
 
 
 @functools.lru_cache(maxsize=8)
@@ -165,24 +171,46 @@ class MatrixFactorizationAccountant:
     def __init__(self, mechanism, *, delta: float, accountant: str = "pld"):
         self.mechanism, self.delta, self.accountant = mechanism, float(delta), accountant
         self._by_rounds: dict[int, float] = {}
+        self._amplified = None
+        if getattr(mechanism, "group_sampling", None) is not None:
+            from fedjax_sim.privacy.accounting import Accountant
+
+            self._amplified = Accountant(mechanism.group_sampling, delta=delta,
+                                         accountant=accountant)
 
     def sensitivity(self, rounds: int) -> float:
         return self.mechanism.sensitivity(rounds)
 
     def epsilon(self, rounds: int) -> float:
+        """ε(δ) after `rounds` rounds. Under cyclic Poisson sampling (bands <= b, unit
+        columns), Choquette-Choo et al. 2023 (Theorem 4) reduce the release to ⌈t/b⌉
+        compositions of the Poisson-subsampled Gaussian of one group (rate q, noise
+        multiplier z), as jax_privacy's DpsgdTrainingAccountant with cycle_length = b."""
         if rounds <= 0:
             return 0.0
         if rounds not in self._by_rounds:
-            z = self.mechanism.noise_multiplier / self.sensitivity(rounds)
-            self._by_rounds[rounds] = gaussian_epsilon(z, self.delta, self.accountant)
+            if self._amplified is not None:
+                eps = self._amplified.epsilon(math.ceil(rounds / self.mechanism.min_separation))
+            else:
+                z = self.mechanism.noise_multiplier / self.sensitivity(rounds)
+                eps = gaussian_epsilon(z, self.delta, self.accountant)
+            self._by_rounds[rounds] = eps
         return self._by_rounds[rounds]
 
     def max_count(self, target_epsilon: float, limit: int) -> int:
-        """The most rounds t <= limit with ε(t) <= target (ε grows with t)."""
+        """The most rounds t <= limit with ε(t) <= target (ε grows with t; a t whose cohort
+        cap no longer fits in δ counts as over)."""
+
+        def within(t: int) -> bool:
+            try:
+                return self.epsilon(t) <= target_epsilon
+            except UserError:
+                return False
+
         lo, hi = 0, limit
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.epsilon(mid) <= target_epsilon:
+            if within(mid):
                 lo = mid
             else:
                 hi = mid - 1
@@ -191,18 +219,27 @@ class MatrixFactorizationAccountant:
 
 def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, min_separation: int,
                                delta: float, bands: int | None = None,
-                               accountant: str = "pld", strategy: str = "bandmf") -> float:
+                               accountant: str = "pld", strategy: str = "bandmf",
+                               sampling_rate: float | None = None) -> float:
     """The smallest noise multiplier z (to 1e-4 relative) whose DP-FTRL run of `rounds`
     rounds with this participation and strategy ('bandmf' or 'tree') has ε(δ) <=
-    `target_epsilon`."""
+    `target_epsilon`; with `sampling_rate` q, under cyclic Poisson sampling (BandMF with
+    bands <= min_separation; q = clients_per_round / (num_clients // min_separation))."""
     if not target_epsilon > 0:
         raise UserError(f"target_epsilon must be > 0, got {target_epsilon!r}")
-    if strategy == "tree":
-        sens = TreeMechanism(1.0, min_separation, rounds).sensitivity(rounds)
+    if sampling_rate is not None:
+        from fedjax_sim.privacy.accounting import epsilon as sampled_epsilon
+
+        count = math.ceil(rounds / min_separation)
+        eps = lambda z: sampled_epsilon(z, rounds=count, delta=delta,  # noqa: E731
+                                        sampling_rate=sampling_rate, accountant=accountant)
     else:
-        coef = bandmf_coefficients(rounds, min(bands or min_separation, rounds))
-        sens = sensitivity(coef, rounds=rounds, min_separation=min_separation)
-    eps = lambda z: gaussian_epsilon(z / sens, delta, accountant)  # noqa: E731
+        if strategy == "tree":
+            sens = TreeMechanism(1.0, min_separation, rounds).sensitivity(rounds)
+        else:
+            coef = bandmf_coefficients(rounds, min(bands or min_separation, rounds))
+            sens = sensitivity(coef, rounds=rounds, min_separation=min_separation)
+        eps = lambda z: gaussian_epsilon(z / sens, delta, accountant)  # noqa: E731
     lo, hi = 1e-3, 1.0
     while eps(hi) > target_epsilon:
         lo, hi = hi, 2 * hi

@@ -139,16 +139,29 @@ def _matrix_factorization(privacy, aggregator, num_clients: int, clients_per_rou
     separation = privacy.min_separation or max(1, num_clients // clients_per_round)
     check_min_separation(separation, num_clients, clients_per_round)
     m = float(clients_per_round)
-    if privacy.strategy == "tree":
-        mechanism = TreeMechanism(privacy.noise_multiplier, separation, rounds)
-        noise = tree_gaussian(privacy.noise_multiplier, expected_clients=m)
-    else:
-        coefficients = bandmf_coefficients(rounds, min(privacy.bands or separation, rounds))
-        mechanism = BandMFMechanism(privacy.noise_multiplier, coefficients, separation, rounds)
-        noise = correlated_gaussian(privacy.noise_multiplier, coefficients=coefficients,
-                                    expected_clients=m)
-    private_part = chain(clip(privacy.clip_norm), noise)
+    z = privacy.noise_multiplier
     sampling = ClientSampling("cyclic", clients_per_round, groups=separation)
+    if privacy.strategy == "tree":
+        mechanism = TreeMechanism(z, separation, rounds)
+        noise = tree_gaussian(z, expected_clients=m)
+    else:
+        bands = min(privacy.bands or separation, rounds)
+        coefficients = bandmf_coefficients(rounds, bands)
+        group = None
+        if privacy.participation == "cyclic_poisson":
+            if bands > separation:
+                raise UserError(f"privacy.participation='cyclic_poisson' needs bands <= "
+                                f"min_separation, got bands={bands} > {separation}")
+            # every member of the round's group joins w.p. q; q·(N // b) = m expected
+            q, largest = clients_per_round / (num_clients // separation), -(-num_clients // separation)
+            slots = min(privacy.max_cohort_size or budget_cap(
+                largest, q, z, privacy.delta, -(-rounds // separation), privacy.accountant),
+                largest)
+            group = SampledGaussian(z, "poisson", largest, sampling_rate=q, max_sample_size=slots)
+            sampling = ClientSampling("cyclic_poisson", slots, q, groups=separation)
+        mechanism = BandMFMechanism(z, coefficients, separation, rounds, group_sampling=group)
+        noise = correlated_gaussian(z, coefficients=coefficients, expected_clients=m)
+    private_part = chain(clip(privacy.clip_norm), noise)
     return mechanism, sampling, (private_part if aggregator is None
                                  else chain(aggregator, private_part))
 
