@@ -68,16 +68,16 @@ def test_audit_refuses_runs_without_a_clip_norm():
         fs.audit(model, alg, _digits(10), rounds=1, clients_per_round=5, privacy=None)
 
 
-def _audit(z, claimed=None):
+def _audit(z, claimed=None, clip=1.0, canary_norm=None):
     model = fs.models.get_model("mlp", (8, 8, 1), 10, hidden=[200])
     alg = fs.algorithms.fedavg(optax.sgd(0.05), local_steps=1, local_epochs=None, batch_size=10,
                                weighting="uniform")
     return fs.audit(model, alg, _digits(50), rounds=20, clients_per_round=275, canaries=1000,
-                    privacy=ClientLevelDP(noise_multiplier=z, clip_norm=1.0, delta=1e-5),
-                    claimed_epsilon=claimed, progress=False)
+                    privacy=ClientLevelDP(noise_multiplier=z, clip_norm=clip, delta=1e-5),
+                    claimed_epsilon=claimed, canary_norm=canary_norm, progress=False)
 
 
-@pytest.mark.slow  # two audited runs of 20 rounds with ~500 canary clients: ~1 minute
+@pytest.mark.slow  # three audited runs of 20 rounds with ~500 canary clients: ~1.5 minutes
 def test_correct_mechanism_stays_below_its_epsilon_and_a_broken_one_is_caught():
     correct = _audit(4.0)
     assert correct.epsilon_lower_bound < correct.epsilon  # 0.32 < 2.65
@@ -86,6 +86,14 @@ def test_correct_mechanism_stays_below_its_epsilon_and_a_broken_one_is_caught():
     broken = _audit(0.4, claimed=correct.epsilon)
     assert broken.epsilon_lower_bound > correct.epsilon  # 3.93 > 2.65
     assert broken.violated and broken.auroc > 0.95
+    # clipping off: the noise the claim says (std 4 = z·C for z = 4, C = 1), but updates of
+    # norm 10 go through unclipped (a clip at 10 never binds: the canaries send exactly 10)
+    unclipped = _audit(0.4, claimed=correct.epsilon, clip=10.0, canary_norm=10.0)
+    assert unclipped.epsilon_lower_bound > correct.epsilon
+    assert unclipped.violated and unclipped.auroc > 0.95
+    # while with clipping in force, canaries of norm 10 are clipped to 1: consistent
+    clipped = _audit(4.0, canary_norm=10.0)
+    assert clipped.epsilon_lower_bound < clipped.epsilon and not clipped.violated
 
 
 def test_audit_command_prints_the_bound_and_the_claim(capsys):

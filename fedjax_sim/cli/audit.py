@@ -19,6 +19,9 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
                         help="the lower bound holds with probability 1 - this")
     parser.add_argument("--claimed-epsilon", type=float, default=None,
                         help="the ε to test (default: the run's own accountant's)")
+    parser.add_argument("--canary-norm", type=float, default=None,
+                        help="the norm of the canaries' updates (default: the clip norm; "
+                             "larger tests that clipping is in force)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
@@ -35,7 +38,8 @@ def run_audit(args, overrides) -> int:
     report = audit(parts["model"], parts["algorithm"], parts["train_data"], rounds=parts["rounds"],
                    clients_per_round=parts["clients_per_round"], privacy=parts["privacy"],
                    canaries=args.canaries, seed=parts["seed"], significance=args.significance,
-                   claimed_epsilon=args.claimed_epsilon, progress=False, **kept)
+                   claimed_epsilon=args.claimed_epsilon, canary_norm=args.canary_norm,
+                   progress=False, **kept)
     s = report.summary()
     claim = "—" if s["epsilon_claimed"] is None else f"{s['epsilon_claimed']:.3g}"
     print(f"audit: ε ≥ {s['epsilon_lower_bound']:.3g} (one run, {s['canaries_in']} of "

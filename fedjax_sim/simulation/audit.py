@@ -8,8 +8,8 @@ A one-run audit (Steinke, Nasr, Jagielski 2023) of client-level DP in the white-
 setting where the auditor knows the initial and the final global model. `canaries`
 canary clients are drawn; each is inserted into the population with probability ½ (the
 "in" canaries; the others never exist in the run). Canary i has a crafted update: a
-fixed random direction u_i (unit L2 norm, from its id) times the clip norm, sent whenever
-it is sampled, whatever its data. After training, its score is ⟨θ₀ − θ_T, u_i⟩: the
+fixed random direction u_i (unit L2 norm, from its id) times the clip norm (or
+`canary_norm`), sent whenever it is sampled, whatever its data. After training, its score is ⟨θ₀ − θ_T, u_i⟩: the
 released updates' total along u_i (with server SGD, momentum or any optimizer whose step
 is a positive combination of the aggregates). Honest updates and the noise are nearly
 orthogonal to u_i in high dimension, so an inserted canary scores about its number of
@@ -132,12 +132,15 @@ def _with_canaries(train_data, inserted: np.ndarray):
 
 def audit(model, algorithm, train_data, *, rounds: int, clients_per_round: int, privacy,
           canaries: int = 1000, seed: int = 0, significance: float = 0.05,
-          claimed_epsilon: float | None = None, **simulate_kwargs) -> AuditReport:
+          claimed_epsilon: float | None = None, canary_norm: float | None = None,
+          **simulate_kwargs) -> AuditReport:
     """Audits one run of `simulate(model, algorithm, train_data, ..., privacy=privacy)`
     with `canaries` canary clients (module doc). The canaries join the population (so the
     sampling rate is clients_per_round over the larger population); `claimed_epsilon`
     replaces the run's own ε as the claim to test (e.g. what a mechanism is said to give
-    when the run uses a deliberately broken one)."""
+    when the run uses a deliberately broken one); `canary_norm` (default: the clip norm)
+    is the norm of the canaries' updates: above the clip norm, a mechanism that clips
+    gives them no more weight, one that does not is caught."""
     from fedjax_sim.attacks import Attack
     from fedjax_sim.simulation import INIT_STREAM
     from fedjax_sim.simulation.loop import simulate
@@ -150,13 +153,16 @@ def audit(model, algorithm, train_data, *, rounds: int, clients_per_round: int, 
         raise UserError(f"canaries must be an integer >= 2, got {canaries!r}")
     if not 0 < significance < 1:
         raise UserError(f"significance must be in (0, 1), got {significance!r}")
+    norm = float(privacy.clip_norm if canary_norm is None else canary_norm)
+    if not (math.isfinite(norm) and norm > 0):
+        raise UserError(f"canary_norm must be a finite number > 0, got {canary_norm!r}")
     rng = np.random.default_rng([seed, 0xA0D17])
     inserted = np.flatnonzero(rng.random(canaries) < 0.5)
     first = train_data.num_clients
     data = _with_canaries(train_data, inserted)
     params0, _ = model.init(jax.random.fold_in(jax.random.key(seed), INIT_STREAM))
     canary_clients = (first + np.arange(len(inserted))).tolist()
-    update = _canary_update(float(privacy.clip_norm), first, inserted, seed)
+    update = _canary_update(norm, first, inserted, seed)
     result = simulate(model, algorithm, data, rounds=rounds, clients_per_round=clients_per_round,
                       privacy=privacy, seed=seed, initial_params=params0,
                       attack=Attack(clients=canary_clients, update=update),
