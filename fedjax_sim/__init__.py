@@ -17,6 +17,8 @@ from fedjax_sim.errors import UserError
 from fedjax_sim.simulation import (CheckpointOptions, DistributedOptions, EngineOptions, FineTune,
                                    Result, initialize_distributed, simulate, sweep)
 from fedjax_sim.simulation.audit import audit
+
+privacy.audit = audit  # also fs.privacy.audit, beside the mechanisms it checks
 from fedjax_sim.simulation.checkpoint import load_params
 from fedjax_sim.simulation.plots import plot
 from fedjax_sim import tracking

@@ -108,3 +108,7 @@ def test_audit_command_prints_the_bound_and_the_claim(capsys):
     summary = json.loads(out[1])
     assert summary["canaries_in"] + summary["canaries_out"] == 20
     assert summary["epsilon_lower_bound"] <= summary["epsilon_claimed"]
+
+
+def test_audit_is_also_in_the_privacy_namespace():
+    assert fs.privacy.audit is fs.audit
