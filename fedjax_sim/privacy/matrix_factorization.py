@@ -158,7 +158,9 @@ class TreeMechanism:
         return 0.0
 
     def sensitivity(self, rounds: int) -> float:
-        return math.sqrt(tree_sensitivity(self.min_separation).squared(max(1, rounds)))
+        tree = tree_sensitivity(self.min_separation)
+        tree.reserve(self.rounds)
+        return math.sqrt(tree.squared(max(1, rounds)))
 
     def describe(self) -> dict:
         return {"strategy": self.strategy, "min_separation": self.min_separation}

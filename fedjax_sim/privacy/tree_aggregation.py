@@ -95,8 +95,8 @@ class TreeSensitivity:
         self._prefix: dict[int, np.ndarray] = {}
 
     def _reset(self, rounds: int) -> None:
-        cap = math.ceil(rounds / self.b)
-        cap = min(cap, self.k) if self.k is not None else max(cap, 2 * self._cap)
+        cap = self._needed(rounds) if self.k is not None else max(self._needed(rounds),
+                                                                   2 * self._cap)
         b = self.b
         leaf = np.full((cap + 1, b, b), _NEG)
         leaf[0] = 0.0
@@ -134,13 +134,19 @@ class TreeSensitivity:
         none[0] = 0.0
         return none
 
+    def _needed(self, rounds: int) -> int:
+        needed = math.ceil(rounds / self.b)
+        return needed if self.k is None else min(needed, self.k)
+
+    def reserve(self, rounds: int) -> None:
+        """Builds the tables for up to `rounds` rounds now, so that asking for ζ round by
+        round does not rebuild them as the participations grow."""
+        if rounds > 0 and (self._needed(rounds) > self._cap or not self._blocks):
+            self._reset(rounds)
+
     def squared(self, rounds: int) -> float:
         """ζ of the first `rounds` rounds."""
         if rounds <= 0:
             return 0.0
-        needed = math.ceil(rounds / self.b)
-        if self.k is not None:
-            needed = min(needed, self.k)
-        if needed > self._cap or not self._blocks:
-            self._reset(rounds)
-        return float(self._state(rounds)[:needed + 1, 0].max())
+        self.reserve(rounds)
+        return float(self._state(rounds)[:self._needed(rounds) + 1, 0].max())
