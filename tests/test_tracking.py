@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import jax
 import numpy as np
@@ -200,7 +201,7 @@ def _wandb_records(path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a chunk still being written
             break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
@@ -220,16 +221,23 @@ def test_wandb_callback_logs_every_row_offline(runs, tmp_path, monkeypatch):
     for row in runs["a"].history:
         log(row)
     run.finish()
-    [path] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    logged = {}
-    for record in _wandb_records(path):
-        if record.WhichOneof("record_type") == "history":
-            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
-                     for i in record.history.item}
-            logged[record.history.step.num] = {k: v for k, v in items.items()
-                                               if not k.startswith("_")}
     expected = {r["round"]: {f"a/{k}": v for k, v in r.items() if k != "round"}
                 for r in runs["a"].history}
+    # W&B's service process writes the file; on a loaded machine it may still be writing
+    # when finish() returns, so read until every row is there (or a minute has passed).
+    deadline = time.monotonic() + 60
+    while True:
+        logged = {}
+        for path in glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb")):
+            for record in _wandb_records(path):
+                if record.WhichOneof("record_type") == "history":
+                    items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                             for i in record.history.item}
+                    logged[record.history.step.num] = {k: v for k, v in items.items()
+                                                       if not k.startswith("_")}
+        if len(logged) >= len(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert sorted(logged) == sorted(expected) == list(range(9))
     for step, values in expected.items():
         assert set(logged[step]) == set(values)
