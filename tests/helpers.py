@@ -1,4 +1,5 @@
-"""Small independent references shared by the tests (plain numpy, no fedjax_sim code)."""
+"""Small independent references shared by the tests (plain numpy, no fedjax_sim code), and
+one driver that records what a noise-adding aggregator part adds over rounds."""
 
 import numpy as np
 
@@ -61,3 +62,20 @@ def full_batch_fedavg(w, clients, rounds, lr, steps, send=lambda cid, delta: del
         mean = np.mean(sent, axis=0)
         w = [w[0] - mean[:w[0].size].reshape(w[0].shape), w[1] - mean[w[0].size:]]
     return w
+
+
+def noise_of_rounds(part, rounds: int, clip: float):
+    """[rounds, 4000] float64: what the noise-adding aggregator `part` (after a clip at
+    `clip`) adds to an all-zero update of 4000 entries (two leaves) in each of `rounds`
+    jitted rounds with keys key(0), key(1), ..., and the last round's metrics."""
+    import jax
+    import jax.numpy as jnp
+
+    zeros = {"w": jnp.zeros((3000,)), "b": jnp.zeros((2, 500))}
+    state = part.init(zeros)
+    step = jax.jit(lambda s, k: part.finalize(zeros, 1.0, {"dp_clip_norm": jnp.float32(clip)}, s, k))
+    rows, metrics = [], None
+    for r in range(rounds):
+        noised, _, state, metrics = step(state, jax.random.key(r))
+        rows.append(np.concatenate([np.ravel(noised["w"]), np.ravel(noised["b"])]))
+    return np.stack(rows).astype(np.float64), metrics

@@ -13,6 +13,7 @@ import pytest
 from scipy import optimize, stats
 
 import fedjax_sim as fs
+from helpers import noise_of_rounds
 from fedjax_sim.aggregators.matrix_factorization import correlated_gaussian
 from fedjax_sim.engine.round import cyclic_groups
 from fedjax_sim.privacy import MatrixFactorizationDP
@@ -35,15 +36,7 @@ def test_correlated_noise_has_the_factorizations_covariance():
     its rows' sample covariance over d coordinates is I within a few sqrt(2/d)."""
     n, bands, z, clip = 10, 4, 2.0, 0.5
     coef = bandmf_coefficients(n, bands)
-    part = correlated_gaussian(z, coefficients=coef, expected_clients=1.0)
-    zeros = {"w": jnp.zeros((3000,)), "b": jnp.zeros((2, 500))}
-    state = part.init(zeros)
-    step = jax.jit(lambda s, k: part.finalize(zeros, 1.0, {"dp_clip_norm": jnp.float32(clip)}, s, k))
-    rows = []
-    for r in range(n):
-        noised, _, state, metrics = step(state, jax.random.key(r))
-        rows.append(np.concatenate([np.ravel(noised["w"]), np.ravel(noised["b"])]))
-    W = np.stack(rows).astype(np.float64)
+    W, _ = noise_of_rounds(correlated_gaussian(z, coefficients=coef, expected_clients=1.0), n, clip)
     d = W.shape[1]
     Z = _toeplitz(coef, n) @ W / (z * clip)
     cov = Z @ Z.T / d

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
+from helpers import noise_of_rounds
 from fedjax_sim.aggregators.matrix_factorization import tree_gaussian
 from fedjax_sim.privacy import MatrixFactorizationDP
 from fedjax_sim.privacy.matrix_factorization import (MatrixFactorizationAccountant,
@@ -89,16 +90,9 @@ def test_tree_noise_has_the_trees_covariance():
     """Over n rounds the prefix sums of the noise are σ times the sum of the nodes that
     decompose each prefix: Cov(S_i, S_j) = σ² · (nodes shared by prefixes i and j)."""
     n, z, clip = 13, 2.0, 0.5
-    part = tree_gaussian(z, expected_clients=1.0)
-    zeros = {"w": jnp.zeros((3000,)), "b": jnp.zeros((2, 500))}
-    state = part.init(zeros)
-    step = jax.jit(lambda s, k: part.finalize(zeros, 1.0, {"dp_clip_norm": jnp.float32(clip)}, s, k))
-    rows = []
-    for r in range(n):
-        noised, _, state, metrics = step(state, jax.random.key(r))
-        rows.append(np.concatenate([np.ravel(noised["w"]), np.ravel(noised["b"])]))
+    W, metrics = noise_of_rounds(tree_gaussian(z, expected_clients=1.0), n, clip)
     assert float(metrics["dp_noise_std"]) == pytest.approx(z * clip)
-    S = np.cumsum(np.stack(rows).astype(np.float64), axis=0) / (z * clip)
+    S = np.cumsum(W, axis=0) / (z * clip)
     d = S.shape[1]
 
     def decomposition(t):  # the dyadic blocks of the first t rounds, largest first

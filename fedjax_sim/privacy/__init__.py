@@ -34,6 +34,7 @@ import math
 import numbers
 
 from fedjax_sim.errors import UserError
+from fedjax_sim.privacy.matrix_factorization import check_amplified_bands
 from fedjax_sim.privacy.accounting import (Accountant, SampledGaussian, calibrate_noise,
                                            default_cap, epsilon)
 
@@ -264,11 +265,8 @@ class MatrixFactorizationDP:
                 raise UserError("privacy.participation='cyclic_poisson' (amplification) is "
                                 "proven for BandMF only; use strategy='bandmf' or "
                                 "participation='cyclic'")
-            if self.bands is not None and self.min_separation is not None \
-                    and self.bands > self.min_separation:
-                raise UserError(f"privacy.participation='cyclic_poisson' needs bands <= "
-                                f"min_separation, got bands={self.bands} > "
-                                f"min_separation={self.min_separation}")
+            if self.bands is not None and self.min_separation is not None:
+                check_amplified_bands(self.bands, self.min_separation)
         elif self.max_cohort_size is not None:
             raise UserError("privacy.max_cohort_size applies to participation='cyclic_poisson' "
                             "only; cyclic cohorts have exactly clients_per_round clients")

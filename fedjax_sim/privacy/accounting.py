@@ -371,27 +371,34 @@ class Accountant:
         ε is nondecreasing in t, so this is a binary search. A count at which the cap's
         slack no longer fits in δ counts as over the target.
         """
-        if not (_is_real(target_epsilon) and target_epsilon >= 0):
-            raise UserError(f"target_epsilon must be a number >= 0, got {target_epsilon!r}")
-        if not (_is_int(limit) and limit >= 0):
-            raise UserError(f"limit must be an integer >= 0, got {limit!r}")
+        return max_count_within(self.epsilon, target_epsilon, limit)
 
-        def within(t: int) -> bool:
-            try:
-                return self.epsilon(t) <= target_epsilon
-            except UserError:
-                return False
 
-        if within(limit):
-            return int(limit)
-        lo, hi = 0, int(limit)  # within(lo) holds (ε(0) = 0), within(hi) does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if within(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+def max_count_within(epsilon, target_epsilon: float, limit: int) -> int:
+    """The largest t in [0, limit] with epsilon(t) <= target_epsilon, for a nondecreasing
+    `epsilon` with epsilon(0) = 0 (a binary search); a t at which `epsilon` raises
+    UserError (a cohort cap whose slack no longer fits in δ) counts as over the target."""
+    if not (_is_real(target_epsilon) and target_epsilon >= 0):
+        raise UserError(f"target_epsilon must be a number >= 0, got {target_epsilon!r}")
+    if not (_is_int(limit) and limit >= 0):
+        raise UserError(f"limit must be an integer >= 0, got {limit!r}")
+
+    def within(t: int) -> bool:
+        try:
+            return epsilon(t) <= target_epsilon
+        except UserError:
+            return False
+
+    if within(limit):
+        return int(limit)
+    lo, hi = 0, int(limit)  # within(lo) holds (ε(0) = 0), within(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _mechanism(noise_multiplier, sampling, sampling_rate, population, sample_size,

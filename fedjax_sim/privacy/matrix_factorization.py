@@ -39,6 +39,14 @@ def jax_privacy_toeplitz():
     return toeplitz
 
 
+def check_amplified_bands(bands: int, separation: int) -> None:
+    """Refuses cyclic Poisson sampling with more bands than the separation, where its
+    amplification is not proven."""
+    if bands > separation:
+        raise UserError(f"privacy.participation='cyclic_poisson' needs bands <= "
+                        f"min_separation, got bands={bands} > {separation}")
+
+
 def check_min_separation(separation: int, num_clients: int, clients_per_round: int) -> None:
     """Refuses cyclic groups (num_clients // separation clients each) too small for a cohort."""
     if num_clients // separation < clients_per_round:
@@ -202,21 +210,9 @@ class MatrixFactorizationAccountant:
     def max_count(self, target_epsilon: float, limit: int) -> int:
         """The most rounds t <= limit with ε(t) <= target (ε grows with t; a t whose cohort
         cap no longer fits in δ counts as over)."""
+        from fedjax_sim.privacy.accounting import max_count_within
 
-        def within(t: int) -> bool:
-            try:
-                return self.epsilon(t) <= target_epsilon
-            except UserError:
-                return False
-
-        lo, hi = 0, limit
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if within(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return max_count_within(self.epsilon, target_epsilon, limit)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, min_separation: int,

@@ -44,9 +44,9 @@ def _join(left: np.ndarray, right: np.ndarray, *, half: int) -> np.ndarray:
     """The [m, s, e] table of a complete block of 2·`half` rounds from its halves' tables
     (gap across the middle >= b), plus the block's own node (m²)."""
     k1, b = left.shape[0], left.shape[1]
-    clip_e = np.maximum(np.arange(b) - half, 0)  # right half empty: the end gap moves left
-    clip_s = np.maximum(np.arange(b) - half, 0)  # left half empty: the offset moves right
-    out = np.maximum(left[:, :, clip_e], right[:, clip_s, :])
+    # One half empty: the other's end gap (right empty) or offset (left empty) shrinks by half.
+    shifted = np.maximum(np.arange(b) - half, 0)
+    out = np.maximum(left[:, :, shifted], right[:, shifted, :])
     opposite = b - 1 - np.arange(b)  # right half's offset forced by the left's end gap e1
     n1, n2 = _rows(left), _rows(right)
     step = max(1, 4_000_000 // max(1, (n1 - 1) * b * b))
@@ -118,14 +118,14 @@ class TreeSensitivity:
             chain.append(head)
             head -= head & -head
         state = self._prefix[head] if head else self._empty()
-        kept = {head: state} if head else {}
+        kept = {}
+        while head:  # `head` and its own prefixes stay
+            kept[head] = self._prefix[head]
+            head -= head & -head
         for prefix in reversed(chain):
             low = prefix & -prefix
             state = _extend(state, self._block(low.bit_length() - 1), size=low)
             kept[prefix] = state
-        while head:  # the prefixes of `head` stay too
-            kept[head] = self._prefix[head]
-            head -= head & -head
         self._prefix = kept
         return state
 

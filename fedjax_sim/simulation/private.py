@@ -35,7 +35,8 @@ from fedjax_sim.privacy import (Accountant, ClientLevelDP, ExampleLevelDP,
                                 MatrixFactorizationDP, SampledGaussian, default_cap)
 from fedjax_sim.privacy.matrix_factorization import (BandMFMechanism,
                                                      MatrixFactorizationAccountant, TreeMechanism,
-                                                     bandmf_coefficients, check_min_separation)
+                                                     bandmf_coefficients, check_amplified_bands,
+                                                     check_min_separation)
 from fedjax_sim.privacy.skellam import SampledSkellam
 from fedjax_sim.privacy.dp_sgd import ExampleNoise, private_gradient
 from fedjax_sim.registry import client_dp_algorithms
@@ -149,9 +150,7 @@ def _matrix_factorization(privacy, aggregator, num_clients: int, clients_per_rou
         coefficients = bandmf_coefficients(rounds, bands)
         group = None
         if privacy.participation == "cyclic_poisson":
-            if bands > separation:
-                raise UserError(f"privacy.participation='cyclic_poisson' needs bands <= "
-                                f"min_separation, got bands={bands} > {separation}")
+            check_amplified_bands(bands, separation)
             # every member of the round's group joins w.p. q; q·(N // b) = m expected
             q, largest = clients_per_round / (num_clients // separation), -(-num_clients // separation)
             slots = min(privacy.max_cohort_size or budget_cap(
